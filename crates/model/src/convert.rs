@@ -1,0 +1,339 @@
+//! Kubernetes objects -> model, with upstream's filters and the API server's validation.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::names::{is_dns1123_label, is_dns1123_subdomain, is_port_name};
+use crate::types::*;
+
+/// Why an object was skipped. Display names the field and the value, escaped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{field}: invalid name {value:?}")]
+    InvalidName { field: &'static str, value: String },
+    #[error("{field}: invalid IP address {value:?}")]
+    InvalidIp { field: String, value: String },
+    #[error("{field}: invalid port {value}")]
+    InvalidPort { field: String, value: i64 },
+    #[error("{field}: unknown protocol {value:?}")]
+    InvalidProtocol { field: String, value: String },
+    #[error("spec.ports: duplicate {what} {value:?}")]
+    DuplicatePort { what: &'static str, value: String },
+    #[error("missing {0}")]
+    Missing(&'static str),
+}
+
+/// Label selecting the service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Annotation carrying the time of the change that produced an EndpointSlice.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Default ClientIP affinity timeout (the API server's default, 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+
+/// Checks that a string is a DNS-1123 label, as the API server does for namespaces and
+/// service names.
+pub fn validate_dns_label(field: &'static str, value: &str) -> Result<(), ConvertError> {
+    if is_dns1123_label(value) {
+        Ok(())
+    } else {
+        Err(ConvertError::InvalidName {
+            field,
+            value: value.to_string(),
+        })
+    }
+}
+
+fn parse_ip(field: impl Into<String>, s: &str) -> Result<IpAddr, ConvertError> {
+    s.trim().parse::<IpAddr>().map_err(|_| ConvertError::InvalidIp {
+        field: field.into(),
+        value: s.to_string(),
+    })
+}
+
+/// The service's ports for one IP family. `Ok(vec![])` means "not proxied" (headless,
+/// ExternalName, no cluster IP of this family); `Err` means the object is invalid and is
+/// skipped as a whole. `warnings` collects problems that only drop one entry (an invalid
+/// external IP), as upstream filters those.
+pub fn service_ports_from_service(
+    svc: &Service,
+    family: IpFamily,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<ServicePort>, ConvertError> {
+    let meta = &svc.metadata;
+    let namespace = meta.namespace.as_deref().ok_or(ConvertError::Missing("metadata.namespace"))?;
+    let name = meta.name.as_deref().ok_or(ConvertError::Missing("metadata.name"))?;
+    validate_dns_label("metadata.namespace", namespace)?;
+    validate_dns_label("metadata.name", name)?;
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(vec![]);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(vec![]);
+    }
+    let primary = spec.cluster_ip.as_deref().unwrap_or("");
+    if primary.is_empty() || primary == "None" {
+        return Ok(vec![]);
+    }
+    // Every listed cluster IP must parse; then pick this family's.
+    let mut cluster_ips = vec![parse_ip("spec.clusterIP", primary)?];
+    for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
+        let ip = parse_ip(format!("spec.clusterIPs[{i}]"), ip)?;
+        if !cluster_ips.contains(&ip) {
+            cluster_ips.push(ip);
+        }
+    }
+    let Some(cluster_ip) = cluster_ips.iter().copied().find(|ip| IpFamily::of(ip) == family) else {
+        return Ok(vec![]);
+    };
+
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let externally_typed = svc_type == "NodePort" || svc_type == "LoadBalancer";
+
+    let mut external_ips = Vec::new();
+    for (i, s) in spec.external_ips.iter().flatten().enumerate() {
+        match parse_ip(format!("spec.externalIPs[{i}]"), s) {
+            Ok(ip) if IpFamily::of(&ip) == family => external_ips.push(ip),
+            Ok(_) => {}
+            Err(e) => warnings.push(e.to_string()),
+        }
+    }
+    let mut load_balancer_vips = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        let Some(ip) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        // ipMode Proxy: the load balancer delivers to the node itself; no VIP rules.
+        if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
+            continue;
+        }
+        match parse_ip(format!("status.loadBalancer.ingress[{i}].ip"), ip) {
+            Ok(ip) if IpFamily::of(&ip) == family => load_balancer_vips.push(ip),
+            Ok(_) => {}
+            Err(e) => warnings.push(e.to_string()),
+        }
+    }
+    let mut load_balancer_source_ranges = Vec::new();
+    for (i, s) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        match s.trim().parse::<IpNet>() {
+            Ok(net) if IpFamily::of(&net.addr()) == family => {
+                load_balancer_source_ranges.push(net.trunc())
+            }
+            Ok(_) => {}
+            Err(_) => warnings.push(format!(
+                "spec.loadBalancerSourceRanges[{i}]: invalid CIDR {s:?}"
+            )),
+        }
+    }
+
+    let session_affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .filter(|t| *t > 0)
+            .map(|t| t as u32)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+    let has_external = externally_typed || !external_ips.is_empty();
+    let external_policy_local =
+        has_external && spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = if svc_type == "LoadBalancer" && external_policy_local {
+        spec.health_check_node_port
+            .filter(|p| (1..=65535).contains(p))
+            .map(|p| p as u16)
+    } else {
+        None
+    };
+
+    let mut seen_names = HashSet::new();
+    let mut seen_ports = HashSet::new();
+    let mut out = Vec::new();
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    for (i, p) in ports.iter().enumerate() {
+        let port_name = p.name.clone().unwrap_or_default();
+        if !port_name.is_empty() && !is_port_name(&port_name) {
+            return Err(ConvertError::InvalidName {
+                field: "spec.ports[].name",
+                value: port_name,
+            });
+        }
+        let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| {
+            ConvertError::InvalidProtocol {
+                field: format!("spec.ports[{i}].protocol"),
+                value: p.protocol.clone().unwrap_or_default(),
+            }
+        })?;
+        if !(1..=65535).contains(&p.port) {
+            return Err(ConvertError::InvalidPort {
+                field: format!("spec.ports[{i}].port"),
+                value: p.port.into(),
+            });
+        }
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) if (1..=65535).contains(&n) => Some(n as u16),
+            Some(n) => {
+                return Err(ConvertError::InvalidPort {
+                    field: format!("spec.ports[{i}].nodePort"),
+                    value: n.into(),
+                });
+            }
+        };
+        if !seen_names.insert(port_name.clone()) {
+            return Err(ConvertError::DuplicatePort {
+                what: "port name",
+                value: port_name,
+            });
+        }
+        if !seen_ports.insert((p.port, protocol)) {
+            return Err(ConvertError::DuplicatePort {
+                what: "port",
+                value: format!("{}/{}", p.port, protocol.upper()),
+            });
+        }
+        out.push(ServicePort {
+            name: ServicePortName {
+                service: NamespacedName::new(namespace, name),
+                port: port_name,
+                protocol,
+            },
+            cluster_ip,
+            port: p.port as u16,
+            protocol,
+            node_port,
+            session_affinity_timeout,
+            external_ips: external_ips.clone(),
+            load_balancer_vips: load_balancer_vips.clone(),
+            load_balancer_source_ranges: load_balancer_source_ranges.clone(),
+            health_check_node_port,
+            external_policy_local,
+            internal_policy_local,
+        });
+    }
+    Ok(out)
+}
+
+/// What one EndpointSlice contributes: endpoints keyed by (port name, protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoints {
+    pub service: NamespacedName,
+    pub by_port: BTreeMap<(String, Protocol), Vec<Endpoint>>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, if present and valid.
+    pub trigger_time: Option<std::time::SystemTime>,
+}
+
+/// Converts an EndpointSlice for one family. `Ok(None)`: not for us (FQDN, other family,
+/// no service-name label). Invalid endpoints are dropped with a warning each.
+pub fn endpoints_from_slice(
+    slice: &EndpointSlice,
+    family: IpFamily,
+    node_name: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Option<SliceEndpoints>, ConvertError> {
+    let meta = &slice.metadata;
+    let namespace = meta.namespace.as_deref().ok_or(ConvertError::Missing("metadata.namespace"))?;
+    let name = meta.name.as_deref().ok_or(ConvertError::Missing("metadata.name"))?;
+    validate_dns_label("metadata.namespace", namespace)?;
+    if !is_dns1123_subdomain(name) {
+        return Err(ConvertError::InvalidName {
+            field: "metadata.name",
+            value: name.to_string(),
+        });
+    }
+    let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+        return Ok(None);
+    };
+    validate_dns_label("metadata.labels[kubernetes.io/service-name]", service)?;
+    let slice_family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        _ => return Ok(None),
+    };
+    if slice_family != family {
+        return Ok(None);
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        // Upstream uses only the first address.
+        let Some(addr) = ep.addresses.first() else { continue };
+        let ip = match parse_ip(format!("endpoints[{i}].addresses[0]"), addr) {
+            Ok(ip) if IpFamily::of(&ip) == family => ip,
+            Ok(_) => continue,
+            Err(e) => {
+                warnings.push(e.to_string());
+                continue;
+            }
+        };
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
+        let zone_hints: BTreeSet<String> = hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| z.name.clone())
+            .collect();
+        let node_hints: BTreeSet<String> = hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|n| n.name.clone())
+            .collect();
+        let is_local = !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name);
+        endpoints.push((ip, ready, serving, terminating, is_local, zone_hints, node_hints));
+    }
+
+    let mut by_port: BTreeMap<(String, Protocol), Vec<Endpoint>> = BTreeMap::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(port) = p.port.filter(|p| *p != 0) else { continue };
+        if !(1..=65535).contains(&port) {
+            warnings.push(format!("ports[{i}].port: invalid port {port}"));
+            continue;
+        }
+        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
+            warnings.push(format!(
+                "ports[{i}].protocol: unknown protocol {:?}",
+                p.protocol.as_deref().unwrap_or_default()
+            ));
+            continue;
+        };
+        let port_name = p.name.clone().unwrap_or_default();
+        let list = by_port.entry((port_name, protocol)).or_default();
+        for (ip, ready, serving, terminating, is_local, zone_hints, node_hints) in &endpoints {
+            list.push(Endpoint {
+                ip: *ip,
+                port: port as u16,
+                ready: *ready,
+                serving: *serving,
+                terminating: *terminating,
+                is_local: *is_local,
+                zone_hints: zone_hints.clone(),
+                node_hints: node_hints.clone(),
+            });
+        }
+    }
+    let trigger_time = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
+        .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+        .map(std::time::SystemTime::from);
+    Ok(Some(SliceEndpoints {
+        service: NamespacedName::new(namespace, service),
+        by_port,
+        trigger_time,
+    }))
+}

@@ -1,0 +1,57 @@
+//! Kubernetes name validation, as the API server applies it. Objects that a real API server
+//! would refuse are skipped, so no such string ever reaches rule text.
+
+/// RFC 1123 label: lower-case alphanumerics and '-', at most 63 chars, alphanumeric at both ends.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: dot-separated labels, at most 253 chars.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// IANA service name, as allowed for port names (`http`, `dns-tcp`): at most 15 chars,
+/// lower-case alphanumerics and '-', at least one letter, no leading/trailing/double '-'.
+pub fn is_port_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 15
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().any(|c| c.is_ascii_lowercase())
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+        && !s.contains("--")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        assert!(is_dns1123_label("redis"));
+        assert!(is_dns1123_label(&"a".repeat(63)));
+        assert!(!is_dns1123_label(&"a".repeat(64)));
+        for bad in ["", "-a", "a-", "A", "a b", "a\"b", "a\nb", "a;b", "ü"] {
+            assert!(!is_dns1123_label(bad), "{bad:?}");
+        }
+        assert!(is_dns1123_subdomain("a.b-c.d"));
+        assert!(!is_dns1123_subdomain("a..b"));
+    }
+
+    #[test]
+    fn port_names() {
+        assert!(is_port_name("http"));
+        assert!(is_port_name("dns-tcp"));
+        assert!(!is_port_name("80"));
+        assert!(!is_port_name("a--b"));
+        assert!(!is_port_name("sixteen-chars-xx"));
+        assert!(!is_port_name("Http"));
+    }
+}

@@ -1,0 +1,189 @@
+use super::*;
+use serde_json::json;
+
+fn service(v: serde_json::Value) -> Service {
+    serde_json::from_value(v).unwrap()
+}
+
+fn slice(v: serde_json::Value) -> EndpointSlice {
+    serde_json::from_value(v).unwrap()
+}
+
+fn redis_svc() -> Service {
+    service(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "default", "name": "redis"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "redis", "port": 6379, "targetPort": 6379, "protocol": "TCP"}]}
+    }))
+}
+
+fn redis_slice(name: &str, ips: &[&str]) -> EndpointSlice {
+    let eps: Vec<_> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node1"}))
+        .collect();
+    slice(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "default", "name": name, "labels": {"kubernetes.io/service-name": "redis"}},
+        "addressType": "IPv4",
+        "endpoints": eps,
+        "ports": [{"name": "redis", "port": 6379, "protocol": "TCP"}]
+    }))
+}
+
+fn spn() -> ServicePortName {
+    ServicePortName {
+        service: NamespacedName::new("default", "redis"),
+        port: "redis".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+#[test]
+fn service_and_slices_merge_by_port_name_and_protocol() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    assert!(t.update_service(&redis_svc(), &mut w).unwrap());
+    assert!(t.update_slice(&redis_slice("redis-a", &["10.244.1.2"]), &mut w).unwrap());
+    assert!(t.update_slice(&redis_slice("redis-b", &["10.244.1.3", "10.244.1.2"]), &mut w).unwrap());
+    let c = t.drain();
+    assert_eq!(c.services.len(), 1);
+    let sp = &t.state().services[&spn()];
+    assert_eq!(sp.port, 6379);
+    assert_eq!(sp.cluster_ip.to_string(), "10.96.0.10");
+    let eps = t.state().endpoints_of(&spn());
+    let addrs: Vec<String> = eps.iter().map(|e| e.addr_string()).collect();
+    assert_eq!(addrs, vec!["10.244.1.2:6379", "10.244.1.3:6379"]);
+    assert!(eps.iter().all(|e| e.is_local && e.ready));
+    assert!(w.is_empty());
+}
+
+#[test]
+fn noop_changes_are_dropped() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    t.update_service(&redis_svc(), &mut w).unwrap();
+    t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w).unwrap();
+    t.drain();
+    // Same object again: nothing pending.
+    assert!(!t.update_service(&redis_svc(), &mut w).unwrap());
+    assert!(!t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w).unwrap());
+    assert!(!t.has_pending());
+    // A -> B -> A between drains: the drain reports nothing.
+    t.update_slice(&redis_slice("a", &["10.244.1.9"]), &mut w).unwrap();
+    t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w).unwrap();
+    assert!(t.drain().is_empty());
+}
+
+#[test]
+fn deletes_and_stale_udp() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    let udp = service(json!({
+        "metadata": {"namespace": "default", "name": "dns"},
+        "spec": {"clusterIP": "10.96.0.53", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}
+    }));
+    let s = slice(json!({
+        "metadata": {"namespace": "default", "name": "dns-1", "labels": {"kubernetes.io/service-name": "dns"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.1.5"]}],
+        "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+    }));
+    t.update_service(&udp, &mut w).unwrap();
+    t.update_slice(&s, &mut w).unwrap();
+    let c = t.drain();
+    assert_eq!(c.udp_services_gained_endpoints.len(), 1);
+    assert!(t.delete_slice("default", "dns-1"));
+    let c = t.drain();
+    assert_eq!(c.stale_udp_endpoints.len(), 1);
+    assert_eq!(c.stale_udp_endpoints[0].1.addr_string(), "10.244.1.5:5353");
+    assert!(t.delete_service("default", "dns"));
+    t.drain();
+    assert!(t.state().services.is_empty());
+    assert!(t.state().endpoints.is_empty());
+}
+
+#[test]
+fn ignored_services() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    for spec in [
+        json!({"clusterIP": "None", "ports": [{"port": 80}]}),
+        json!({"type": "ExternalName", "externalName": "example.com"}),
+        json!({"clusterIP": "fd00::1", "ports": [{"port": 80}]}),
+    ] {
+        let s = service(json!({"metadata": {"namespace": "a", "name": "b"}, "spec": spec}));
+        assert!(!t.update_service(&s, &mut w).unwrap());
+    }
+    // FQDN slices and slices without the service-name label are ignored.
+    let fqdn = slice(json!({"metadata": {"namespace": "a", "name": "b-1", "labels": {"kubernetes.io/service-name": "b"}},
+        "addressType": "FQDN", "endpoints": [{"addresses": ["example.com"]}], "ports": [{"port": 80}]}));
+    assert!(!t.update_slice(&fqdn, &mut w).unwrap());
+    let unlabeled = slice(json!({"metadata": {"namespace": "a", "name": "b-2"},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}], "ports": [{"port": 80}]}));
+    assert!(!t.update_slice(&unlabeled, &mut w).unwrap());
+}
+
+#[test]
+fn invalid_services_are_rejected_with_a_named_field() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    let cases = [
+        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.300", "ports": [{"port": 80}]}), "spec.clusterIP"),
+        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 0}]}), "spec.ports[0].port"),
+        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 70000}]}), "spec.ports[0].port"),
+        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80, "protocol": "ICMP"}]}), "protocol"),
+        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}), "duplicate port"),
+        (json!({"namespace": "a", "name": "b\"; -j ACCEPT"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}), "metadata.name"),
+        (json!({"namespace": "a b", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}), "metadata.namespace"),
+        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"name": "x\ny", "port": 80}]}), "spec.ports[].name"),
+    ];
+    for (meta, spec, field) in cases {
+        let s = service(json!({"metadata": meta, "spec": spec}));
+        let err = t.update_service(&s, &mut w).unwrap_err().to_string();
+        assert!(err.contains(field), "{err} should name {field}");
+        assert!(!err.contains('\n'), "one line: {err:?}");
+    }
+    assert!(!t.has_pending());
+    // Unusual but valid: names at maximum length, annotations with odd text.
+    let long = "a".repeat(63);
+    let s = service(json!({"metadata": {"namespace": long, "name": long,
+        "annotations": {"note": "quotes \" newlines \n unicode ü ;"}},
+        "spec": {"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}}));
+    assert!(t.update_service(&s, &mut w).unwrap());
+}
+
+#[test]
+fn invalid_endpoint_ip_drops_only_that_endpoint() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    t.update_service(&redis_svc(), &mut w).unwrap();
+    t.update_slice(&redis_slice("a", &["10.244.1.2", "not-an-ip", "10.244.1.999"]), &mut w).unwrap();
+    t.drain();
+    assert_eq!(t.state().endpoints_of(&spn()).len(), 1);
+    assert_eq!(w.len(), 2, "{w:?}");
+}
+
+#[test]
+fn session_affinity_and_policies() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    let s = service(json!({"metadata": {"namespace": "a", "name": "lb"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.0.0.3", "externalTrafficPolicy": "Local",
+                 "healthCheckNodePort": 32000, "sessionAffinity": "ClientIP",
+                 "externalIPs": ["1.2.3.4", "bogus", "fd00::9"],
+                 "loadBalancerSourceRanges": [" 203.0.113.0/24 "],
+                 "ports": [{"port": 80, "nodePort": 30080}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}, {"ip": "198.51.100.8", "ipMode": "Proxy"}, {"hostname": "x"}]}}}));
+    t.update_service(&s, &mut w).unwrap();
+    t.drain();
+    let sp = t.state().services.values().next().unwrap();
+    assert_eq!(sp.session_affinity_timeout, Some(10800));
+    assert!(sp.external_policy_local);
+    assert_eq!(sp.health_check_node_port, Some(32000));
+    assert_eq!(sp.node_port, Some(30080));
+    assert_eq!(sp.external_ips, vec!["1.2.3.4".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(sp.load_balancer_vips.len(), 1);
+    assert_eq!(sp.load_balancer_source_ranges[0].to_string(), "203.0.113.0/24");
+    assert_eq!(w.len(), 1, "{w:?}");
+}
