@@ -1,1 +1,87 @@
+//! What every backend shares: the [`Dataplane`] trait, upstream's kernel-object naming,
+//! local-traffic detection, node-port address selection, and the one boundary through which
+//! backends run kernel tools ([`CommandRunner`]).
 
+mod exec;
+mod local;
+mod names;
+mod nodeport;
+
+pub use exec::{CommandError, CommandOutput, CommandRunner, RecordedCall, RecordingRunner, SystemRunner};
+pub use local::LocalDetector;
+pub use names::{endpoint_chain_name, hash_suffix, service_chain_name};
+pub use nodeport::NodePortAddresses;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use kp_model::{ChangeSet, IpFamily, NamespacedName, NodeTopology, ProxyState};
+
+/// What the proxy knows about its node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub topology: NodeTopology,
+    /// Addresses of the Node object (InternalIP first).
+    pub node_ips: Vec<IpAddr>,
+    /// `spec.podCIDRs` of the Node object.
+    pub pod_cidrs: Vec<IpNet>,
+    /// Addresses configured on this node's interfaces (for `--nodeport-addresses`).
+    pub local_addresses: Vec<IpAddr>,
+}
+
+/// Input of one sync.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncInput<'a> {
+    pub state: &'a ProxyState,
+    pub changes: &'a ChangeSet,
+    pub node: &'a NodeInfo,
+    /// Rewrite everything (start, after a failure, after a flush was detected).
+    pub force_full: bool,
+}
+
+/// What a sync did, for metrics, health-check servers and logs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncReport {
+    pub full: bool,
+    /// Rules this proxy owns, per table (kept even for chains a partial sync skipped).
+    pub rules_total: BTreeMap<&'static str, usize>,
+    /// Rules written by this sync, per table.
+    pub rules_written: BTreeMap<&'static str, usize>,
+    /// Services with internalTrafficPolicy Local and no local endpoints.
+    pub no_local_endpoints_internal: usize,
+    /// Services with externalTrafficPolicy Local and no local endpoints.
+    pub no_local_endpoints_external: usize,
+    /// Services needing a healthCheckNodePort server, and their local ready endpoint count.
+    pub health_checks: BTreeMap<NamespacedName, (u16, usize)>,
+    /// Bytes handed to the kernel tool.
+    pub bytes_written: usize,
+}
+
+/// A failed sync. The next sync after a failure is a full one.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{tool} failed: {message}")]
+    Apply {
+        tool: &'static str,
+        message: String,
+        /// The input line the tool complained about, when it named one.
+        line: Option<String>,
+    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+/// One dataplane for one IP family.
+pub trait Dataplane: Send {
+    /// Mode name as `/proxyMode` answers it.
+    fn mode(&self) -> &'static str;
+    fn family(&self) -> IpFamily;
+    /// Makes the kernel match `input.state`. Idempotent. Partial unless forced or after a
+    /// failure.
+    fn sync(&mut self, input: &SyncInput<'_>) -> Result<SyncReport, SyncError>;
+    /// Cheap check, run every syncPeriod, whether someone removed our rules (canary).
+    fn needs_full_sync(&mut self) -> bool;
+    /// Removes everything this mode ever installed.
+    fn cleanup(&mut self) -> Result<(), SyncError>;
+}
