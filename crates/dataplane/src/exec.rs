@@ -32,8 +32,12 @@ pub enum CommandError {
 /// Runs a program with arguments and optional stdin. Arguments are passed as a vector,
 /// never through a shell.
 pub trait CommandRunner: Send + Sync {
-    fn run(&self, program: &str, args: &[&str], stdin: Option<&[u8]>)
-    -> Result<CommandOutput, CommandError>;
+    fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<CommandOutput, CommandError>;
 }
 
 /// Runs real programs.
@@ -53,7 +57,11 @@ impl CommandRunner for SystemRunner {
         };
         let mut child = Command::new(program)
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -7,7 +7,9 @@ mod local;
 mod names;
 mod nodeport;
 
-pub use exec::{CommandError, CommandOutput, CommandRunner, RecordedCall, RecordingRunner, SystemRunner};
+pub use exec::{
+    CommandError, CommandOutput, CommandRunner, RecordedCall, RecordingRunner, SystemRunner,
+};
 pub use local::LocalDetector;
 pub use names::{endpoint_chain_name, hash_suffix, service_chain_name};
 pub use nodeport::NodePortAddresses;

@@ -63,10 +63,19 @@ mod tests {
 
     #[test]
     fn family_filter_and_matches() {
-        let cidrs: Vec<IpNet> = vec!["fd00:10::/64".parse().unwrap(), "10.244.0.0/16".parse().unwrap()];
+        let cidrs: Vec<IpNet> = vec![
+            "fd00:10::/64".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        ];
         let d = LocalDetector::from_cidrs(&cidrs, IpFamily::V4);
         assert_eq!(d.iptables_if_not_local(), vec!["!", "-s", "10.244.0.0/16"]);
-        assert_eq!(LocalDetector::from_cidrs(&cidrs[1..], IpFamily::V6), LocalDetector::None);
-        assert_eq!(LocalDetector::InterfacePrefix("veth".into()).iptables_if_local(), vec!["-i", "veth+"]);
+        assert_eq!(
+            LocalDetector::from_cidrs(&cidrs[1..], IpFamily::V6),
+            LocalDetector::None
+        );
+        assert_eq!(
+            LocalDetector::InterfacePrefix("veth".into()).iptables_if_local(),
+            vec!["-i", "veth+"]
+        );
     }
 }

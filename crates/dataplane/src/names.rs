@@ -14,7 +14,10 @@ pub fn hash_suffix(input: &str) -> String {
 
 /// `KUBE-SVC-…`, `KUBE-SVL-…`, `KUBE-EXT-…`, `KUBE-FW-…` for a service port.
 pub fn service_chain_name(prefix: &str, name: &ServicePortName) -> String {
-    format!("{prefix}{}", hash_suffix(&format!("{name}{}", name.protocol.lower())))
+    format!(
+        "{prefix}{}",
+        hash_suffix(&format!("{name}{}", name.protocol.lower()))
+    )
 }
 
 /// `KUBE-SEP-…` for one endpoint (`ip:port`, IPv6 as `[ip]:port`) of a service port.
@@ -40,9 +43,18 @@ mod tests {
 
     #[test]
     fn upstream_test_vectors() {
-        assert_eq!(service_chain_name("KUBE-SVC-", &spn("ns1", "svc1", "p80")), "KUBE-SVC-XPGD46QRK7WJZT7O");
-        assert_eq!(service_chain_name("KUBE-SVC-", &spn("ns2", "svc2", "p80")), "KUBE-SVC-GNZBNJ2PO5MGZ6GT");
-        assert_eq!(service_chain_name("KUBE-EXT-", &spn("ns4", "svc4", "p80")), "KUBE-EXT-4SW47YFZTEDKD3PK");
+        assert_eq!(
+            service_chain_name("KUBE-SVC-", &spn("ns1", "svc1", "p80")),
+            "KUBE-SVC-XPGD46QRK7WJZT7O"
+        );
+        assert_eq!(
+            service_chain_name("KUBE-SVC-", &spn("ns2", "svc2", "p80")),
+            "KUBE-SVC-GNZBNJ2PO5MGZ6GT"
+        );
+        assert_eq!(
+            service_chain_name("KUBE-EXT-", &spn("ns4", "svc4", "p80")),
+            "KUBE-EXT-4SW47YFZTEDKD3PK"
+        );
         assert_eq!(
             endpoint_chain_name(&spn("ns1", "svc1", "p80"), "10.180.0.1:80"),
             "KUBE-SEP-SXIVWICOYRO3J4NJ"

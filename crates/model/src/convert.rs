@@ -48,10 +48,12 @@ pub fn validate_dns_label(field: &'static str, value: &str) -> Result<(), Conver
 }
 
 fn parse_ip(field: impl Into<String>, s: &str) -> Result<IpAddr, ConvertError> {
-    s.trim().parse::<IpAddr>().map_err(|_| ConvertError::InvalidIp {
-        field: field.into(),
-        value: s.to_string(),
-    })
+    s.trim()
+        .parse::<IpAddr>()
+        .map_err(|_| ConvertError::InvalidIp {
+            field: field.into(),
+            value: s.to_string(),
+        })
 }
 
 /// The service's ports for one IP family. `Ok(vec![])` means "not proxied" (headless,
@@ -64,8 +66,14 @@ pub fn service_ports_from_service(
     warnings: &mut Vec<String>,
 ) -> Result<Vec<ServicePort>, ConvertError> {
     let meta = &svc.metadata;
-    let namespace = meta.namespace.as_deref().ok_or(ConvertError::Missing("metadata.namespace"))?;
-    let name = meta.name.as_deref().ok_or(ConvertError::Missing("metadata.name"))?;
+    let namespace = meta
+        .namespace
+        .as_deref()
+        .ok_or(ConvertError::Missing("metadata.namespace"))?;
+    let name = meta
+        .name
+        .as_deref()
+        .ok_or(ConvertError::Missing("metadata.name"))?;
     validate_dns_label("metadata.namespace", namespace)?;
     validate_dns_label("metadata.name", name)?;
     let Some(spec) = svc.spec.as_ref() else {
@@ -86,7 +94,11 @@ pub fn service_ports_from_service(
             cluster_ips.push(ip);
         }
     }
-    let Some(cluster_ip) = cluster_ips.iter().copied().find(|ip| IpFamily::of(ip) == family) else {
+    let Some(cluster_ip) = cluster_ips
+        .iter()
+        .copied()
+        .find(|ip| IpFamily::of(ip) == family)
+    else {
         return Ok(vec![]);
     };
 
@@ -122,7 +134,12 @@ pub fn service_ports_from_service(
         }
     }
     let mut load_balancer_source_ranges = Vec::new();
-    for (i, s) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+    for (i, s) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
         match s.trim().parse::<IpNet>() {
             Ok(net) if IpFamily::of(&net.addr()) == family => {
                 load_balancer_source_ranges.push(net.trunc())
@@ -134,15 +151,16 @@ pub fn service_ports_from_service(
         }
     }
 
-    let session_affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .filter(|t| *t > 0)
-            .map(|t| t as u32)
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
+    let session_affinity_timeout =
+        (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .filter(|t| *t > 0)
+                .map(|t| t as u32)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
     let has_external = externally_typed || !external_ips.is_empty();
     let external_policy_local =
         has_external && spec.external_traffic_policy.as_deref() == Some("Local");
@@ -241,8 +259,14 @@ pub fn endpoints_from_slice(
     warnings: &mut Vec<String>,
 ) -> Result<Option<SliceEndpoints>, ConvertError> {
     let meta = &slice.metadata;
-    let namespace = meta.namespace.as_deref().ok_or(ConvertError::Missing("metadata.namespace"))?;
-    let name = meta.name.as_deref().ok_or(ConvertError::Missing("metadata.name"))?;
+    let namespace = meta
+        .namespace
+        .as_deref()
+        .ok_or(ConvertError::Missing("metadata.namespace"))?;
+    let name = meta
+        .name
+        .as_deref()
+        .ok_or(ConvertError::Missing("metadata.name"))?;
     validate_dns_label("metadata.namespace", namespace)?;
     if !is_dns1123_subdomain(name) {
         return Err(ConvertError::InvalidName {
@@ -266,7 +290,9 @@ pub fn endpoints_from_slice(
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         // Upstream uses only the first address.
-        let Some(addr) = ep.addresses.first() else { continue };
+        let Some(addr) = ep.addresses.first() else {
+            continue;
+        };
         let ip = match parse_ip(format!("endpoints[{i}].addresses[0]"), addr) {
             Ok(ip) if IpFamily::of(&ip) == family => ip,
             Ok(_) => continue,
@@ -293,12 +319,22 @@ pub fn endpoints_from_slice(
             .map(|n| n.name.clone())
             .collect();
         let is_local = !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name);
-        endpoints.push((ip, ready, serving, terminating, is_local, zone_hints, node_hints));
+        endpoints.push((
+            ip,
+            ready,
+            serving,
+            terminating,
+            is_local,
+            zone_hints,
+            node_hints,
+        ));
     }
 
     let mut by_port: BTreeMap<(String, Protocol), Vec<Endpoint>> = BTreeMap::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
-        let Some(port) = p.port.filter(|p| *p != 0) else { continue };
+        let Some(port) = p.port.filter(|p| *p != 0) else {
+            continue;
+        };
         if !(1..=65535).contains(&port) {
             warnings.push(format!("ports[{i}].port: invalid port {port}"));
             continue;

@@ -10,7 +10,9 @@ mod topology;
 mod tracker;
 mod types;
 
-pub use convert::{ConvertError, endpoints_from_slice, service_ports_from_service, validate_dns_label};
+pub use convert::{
+    ConvertError, endpoints_from_slice, service_ports_from_service, validate_dns_label,
+};
 pub use names::{is_dns1123_label, is_dns1123_subdomain};
 pub use topology::{CategorizedEndpoints, NodeTopology, categorize_endpoints};
 pub use tracker::{ChangeSet, ChangeTracker, ProxyState, SliceKey};

@@ -48,7 +48,11 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeTopology) -> TopologyMode {
         }
         if ep.zone_hints.is_empty() {
             all_zone_hints = false;
-        } else if node.zone.as_ref().is_some_and(|z| ep.zone_hints.contains(z)) {
+        } else if node
+            .zone
+            .as_ref()
+            .is_some_and(|z| ep.zone_hints.contains(z))
+        {
             has_for_zone = true;
         }
     }
@@ -68,7 +72,10 @@ fn available(ep: &Endpoint, mode: TopologyMode, node: &NodeTopology) -> bool {
     match mode {
         TopologyMode::None => true,
         TopologyMode::SameNode => ep.node_hints.contains(&node.node_name),
-        TopologyMode::SameZone => node.zone.as_ref().is_some_and(|z| ep.zone_hints.contains(z)),
+        TopologyMode::SameZone => node
+            .zone
+            .as_ref()
+            .is_some_and(|z| ep.zone_hints.contains(z)),
     }
 }
 
@@ -102,9 +109,7 @@ pub fn categorize_endpoints(
     let mut has_local_ready = false;
     let mut has_local_serving_terminating = false;
     for ep in endpoints {
-        if ep.ready {
-            out.has_any = true;
-        } else if ep.serving && ep.terminating {
+        if ep.ready || (ep.serving && ep.terminating) {
             out.has_any = true;
         }
         if ep.is_local {
@@ -116,7 +121,11 @@ pub fn categorize_endpoints(
         }
     }
     if has_local_ready {
-        out.local = endpoints.iter().filter(|e| e.is_local && e.ready).cloned().collect();
+        out.local = endpoints
+            .iter()
+            .filter(|e| e.is_local && e.ready)
+            .cloned()
+            .collect();
     } else if has_local_serving_terminating {
         out.local = endpoints
             .iter()
@@ -197,7 +206,11 @@ mod tests {
     #[test]
     fn ready_only_and_terminating_fallback() {
         let s = svc(false, false, None);
-        let eps = [ep(1, true, true, false, false), ep(2, false, true, true, false), ep(3, false, false, false, false)];
+        let eps = [
+            ep(1, true, true, false, false),
+            ep(2, false, true, true, false),
+            ep(3, false, false, false, false),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert_eq!(ips(&c.cluster), vec![1]);
         assert!(c.local.is_empty());
@@ -213,7 +226,10 @@ mod tests {
     #[test]
     fn internal_local_uses_only_local() {
         let s = svc(true, false, None);
-        let eps = [ep(1, true, true, false, false), ep(2, true, true, false, true)];
+        let eps = [
+            ep(1, true, true, false, false),
+            ep(2, true, true, false, true),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert!(c.cluster.is_empty());
         assert_eq!(ips(&c.local), vec![2]);
@@ -227,13 +243,20 @@ mod tests {
     #[test]
     fn external_local_keeps_both_sets() {
         let s = svc(false, true, Some(30000));
-        let eps = [ep(1, true, true, false, false), ep(2, true, true, false, true), ep(3, false, true, true, true)];
+        let eps = [
+            ep(1, true, true, false, false),
+            ep(2, true, true, false, true),
+            ep(3, false, true, true, true),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert_eq!(ips(&c.cluster), vec![1, 2]);
         assert_eq!(ips(&c.local), vec![2]);
         assert_eq!(ips(&c.all_reachable), vec![1, 2]);
         // Local fallback to serving+terminating, separately from the cluster set.
-        let eps2 = [ep(1, true, true, false, false), ep(3, false, true, true, true)];
+        let eps2 = [
+            ep(1, true, true, false, false),
+            ep(3, false, true, true, true),
+        ];
         let c = categorize_endpoints(&s, &eps2, &node());
         assert_eq!(ips(&c.cluster), vec![1]);
         assert_eq!(ips(&c.local), vec![3]);

@@ -13,7 +13,9 @@ use std::time::SystemTime;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::convert::{ConvertError, SliceEndpoints, endpoints_from_slice, service_ports_from_service};
+use crate::convert::{
+    ConvertError, SliceEndpoints, endpoints_from_slice, service_ports_from_service,
+};
 use crate::types::*;
 
 /// The proxy's view of the cluster for one IP family, as of the last drain.
@@ -28,7 +30,10 @@ pub struct ProxyState {
 impl ProxyState {
     /// Endpoints of a service port; empty when it has none.
     pub fn endpoints_of(&self, name: &ServicePortName) -> &[Endpoint] {
-        self.endpoints.get(name).map(|v| v.as_slice()).unwrap_or(&[])
+        self.endpoints
+            .get(name)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
     }
 
     /// Total number of endpoints over all service ports.
@@ -182,14 +187,15 @@ impl ChangeTracker {
 
     fn set_slice(&mut self, key: SliceKey, converted: Option<SliceEndpoints>) -> bool {
         let old_owner = self.slice_owner.get(&key).cloned();
-        if let (Some(owner), Some(new)) = (&old_owner, &converted) {
-            if owner == &new.service
-                && self.slices.get(owner).and_then(|m| m.get(&key)).is_some_and(|old| {
-                    old.by_port == new.by_port
-                })
-            {
-                return false;
-            }
+        if let (Some(owner), Some(new)) = (&old_owner, &converted)
+            && owner == &new.service
+            && self
+                .slices
+                .get(owner)
+                .and_then(|m| m.get(&key))
+                .is_some_and(|old| old.by_port == new.by_port)
+        {
+            return false;
         }
         if old_owner.is_none() && converted.is_none() {
             return false;
@@ -208,10 +214,16 @@ impl ChangeTracker {
         if let Some(new) = converted {
             let owner = new.service.clone();
             if let Some(t) = new.trigger_time.filter(|t| *t >= self.start_time) {
-                self.pending_trigger_times.entry(owner.clone()).or_default().push(t);
+                self.pending_trigger_times
+                    .entry(owner.clone())
+                    .or_default()
+                    .push(t);
             }
             self.slice_owner.insert(key.clone(), owner.clone());
-            self.slices.entry(owner.clone()).or_default().insert(key, new);
+            self.slices
+                .entry(owner.clone())
+                .or_default()
+                .insert(key, new);
             self.dirty_endpoints.insert(owner);
         }
         true
@@ -242,9 +254,9 @@ impl ChangeTracker {
             .map(|(k, _)| k.clone())
             .collect();
         let same = old.len() == desired.len()
-            && desired.iter().all(|p| {
-                self.state.services.get(&p.name).is_some_and(|o| **o == *p)
-            });
+            && desired
+                .iter()
+                .all(|p| self.state.services.get(&p.name).is_some_and(|o| **o == *p));
         if same {
             return false;
         }
@@ -288,7 +300,9 @@ impl ChangeTracker {
             .map(|(k, _)| k.clone())
             .collect();
         let same = old_keys.len() == new.len()
-            && new.iter().all(|(k, v)| self.state.endpoints.get(k).is_some_and(|o| **o == *v));
+            && new
+                .iter()
+                .all(|(k, v)| self.state.endpoints.get(k).is_some_and(|o| **o == *v));
         if same {
             return false;
         }
@@ -301,7 +315,8 @@ impl ChangeTracker {
             let new_eps = new.get(k);
             for ep in old_eps.iter().filter(|e| e.ready) {
                 let still = new_eps.is_some_and(|n| {
-                    n.iter().any(|e| e.ip == ep.ip && e.port == ep.port && e.ready)
+                    n.iter()
+                        .any(|e| e.ip == ep.ip && e.port == ep.port && e.ready)
                 });
                 if !still {
                     changes.stale_udp_endpoints.push((k.clone(), ep.clone()));
@@ -311,7 +326,11 @@ impl ChangeTracker {
         for (k, v) in &new {
             if k.protocol == Protocol::Udp
                 && v.iter().any(|e| e.ready)
-                && !self.state.endpoints.get(k).is_some_and(|o| o.iter().any(|e| e.ready))
+                && !self
+                    .state
+                    .endpoints
+                    .get(k)
+                    .is_some_and(|o| o.iter().any(|e| e.ready))
             {
                 changes.udp_services_gained_endpoints.push(k.clone());
             }

@@ -44,8 +44,17 @@ fn service_and_slices_merge_by_port_name_and_protocol() {
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     let mut w = vec![];
     assert!(t.update_service(&redis_svc(), &mut w).unwrap());
-    assert!(t.update_slice(&redis_slice("redis-a", &["10.244.1.2"]), &mut w).unwrap());
-    assert!(t.update_slice(&redis_slice("redis-b", &["10.244.1.3", "10.244.1.2"]), &mut w).unwrap());
+    assert!(
+        t.update_slice(&redis_slice("redis-a", &["10.244.1.2"]), &mut w)
+            .unwrap()
+    );
+    assert!(
+        t.update_slice(
+            &redis_slice("redis-b", &["10.244.1.3", "10.244.1.2"]),
+            &mut w
+        )
+        .unwrap()
+    );
     let c = t.drain();
     assert_eq!(c.services.len(), 1);
     let sp = &t.state().services[&spn()];
@@ -63,15 +72,21 @@ fn noop_changes_are_dropped() {
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     let mut w = vec![];
     t.update_service(&redis_svc(), &mut w).unwrap();
-    t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w).unwrap();
+    t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w)
+        .unwrap();
     t.drain();
     // Same object again: nothing pending.
     assert!(!t.update_service(&redis_svc(), &mut w).unwrap());
-    assert!(!t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w).unwrap());
+    assert!(
+        !t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w)
+            .unwrap()
+    );
     assert!(!t.has_pending());
     // A -> B -> A between drains: the drain reports nothing.
-    t.update_slice(&redis_slice("a", &["10.244.1.9"]), &mut w).unwrap();
-    t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w).unwrap();
+    t.update_slice(&redis_slice("a", &["10.244.1.9"]), &mut w)
+        .unwrap();
+    t.update_slice(&redis_slice("a", &["10.244.1.2"]), &mut w)
+        .unwrap();
     assert!(t.drain().is_empty());
 }
 
@@ -116,8 +131,10 @@ fn ignored_services() {
         assert!(!t.update_service(&s, &mut w).unwrap());
     }
     // FQDN slices and slices without the service-name label are ignored.
-    let fqdn = slice(json!({"metadata": {"namespace": "a", "name": "b-1", "labels": {"kubernetes.io/service-name": "b"}},
-        "addressType": "FQDN", "endpoints": [{"addresses": ["example.com"]}], "ports": [{"port": 80}]}));
+    let fqdn = slice(
+        json!({"metadata": {"namespace": "a", "name": "b-1", "labels": {"kubernetes.io/service-name": "b"}},
+        "addressType": "FQDN", "endpoints": [{"addresses": ["example.com"]}], "ports": [{"port": 80}]}),
+    );
     assert!(!t.update_slice(&fqdn, &mut w).unwrap());
     let unlabeled = slice(json!({"metadata": {"namespace": "a", "name": "b-2"},
         "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}], "ports": [{"port": 80}]}));
@@ -129,14 +146,46 @@ fn invalid_services_are_rejected_with_a_named_field() {
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     let mut w = vec![];
     let cases = [
-        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.300", "ports": [{"port": 80}]}), "spec.clusterIP"),
-        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 0}]}), "spec.ports[0].port"),
-        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 70000}]}), "spec.ports[0].port"),
-        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80, "protocol": "ICMP"}]}), "protocol"),
-        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}), "duplicate port"),
-        (json!({"namespace": "a", "name": "b\"; -j ACCEPT"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}), "metadata.name"),
-        (json!({"namespace": "a b", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}), "metadata.namespace"),
-        (json!({"namespace": "a", "name": "b"}), json!({"clusterIP": "10.0.0.3", "ports": [{"name": "x\ny", "port": 80}]}), "spec.ports[].name"),
+        (
+            json!({"namespace": "a", "name": "b"}),
+            json!({"clusterIP": "10.0.0.300", "ports": [{"port": 80}]}),
+            "spec.clusterIP",
+        ),
+        (
+            json!({"namespace": "a", "name": "b"}),
+            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 0}]}),
+            "spec.ports[0].port",
+        ),
+        (
+            json!({"namespace": "a", "name": "b"}),
+            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 70000}]}),
+            "spec.ports[0].port",
+        ),
+        (
+            json!({"namespace": "a", "name": "b"}),
+            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80, "protocol": "ICMP"}]}),
+            "protocol",
+        ),
+        (
+            json!({"namespace": "a", "name": "b"}),
+            json!({"clusterIP": "10.0.0.3", "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}),
+            "duplicate port",
+        ),
+        (
+            json!({"namespace": "a", "name": "b\"; -j ACCEPT"}),
+            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}),
+            "metadata.name",
+        ),
+        (
+            json!({"namespace": "a b", "name": "b"}),
+            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}),
+            "metadata.namespace",
+        ),
+        (
+            json!({"namespace": "a", "name": "b"}),
+            json!({"clusterIP": "10.0.0.3", "ports": [{"name": "x\ny", "port": 80}]}),
+            "spec.ports[].name",
+        ),
     ];
     for (meta, spec, field) in cases {
         let s = service(json!({"metadata": meta, "spec": spec}));
@@ -158,7 +207,11 @@ fn invalid_endpoint_ip_drops_only_that_endpoint() {
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     let mut w = vec![];
     t.update_service(&redis_svc(), &mut w).unwrap();
-    t.update_slice(&redis_slice("a", &["10.244.1.2", "not-an-ip", "10.244.1.999"]), &mut w).unwrap();
+    t.update_slice(
+        &redis_slice("a", &["10.244.1.2", "not-an-ip", "10.244.1.999"]),
+        &mut w,
+    )
+    .unwrap();
     t.drain();
     assert_eq!(t.state().endpoints_of(&spn()).len(), 1);
     assert_eq!(w.len(), 2, "{w:?}");
@@ -182,8 +235,14 @@ fn session_affinity_and_policies() {
     assert!(sp.external_policy_local);
     assert_eq!(sp.health_check_node_port, Some(32000));
     assert_eq!(sp.node_port, Some(30080));
-    assert_eq!(sp.external_ips, vec!["1.2.3.4".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        sp.external_ips,
+        vec!["1.2.3.4".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(sp.load_balancer_vips.len(), 1);
-    assert_eq!(sp.load_balancer_source_ranges[0].to_string(), "203.0.113.0/24");
+    assert_eq!(
+        sp.load_balancer_source_ranges[0].to_string(),
+        "203.0.113.0/24"
+    );
     assert_eq!(w.len(), 1, "{w:?}");
 }

@@ -1,0 +1,431 @@
+//! The thin kernel-facing part of iptables mode: jump rules, canary chains, stale-chain
+//! discovery and one `iptables-restore --noflush` per sync.
+
+use std::collections::{BTreeSet, HashMap};
+
+use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
+use kp_model::{IpFamily, NamespacedName};
+
+use crate::render::*;
+
+const CANARY: &str = "KUBE-PROXY-CANARY";
+
+/// Binaries for one IP family.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub iptables: String,
+    pub save: String,
+    pub restore: String,
+}
+
+impl Tools {
+    pub fn for_family(family: IpFamily) -> Tools {
+        let base = match family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        Tools {
+            iptables: base.into(),
+            save: format!("{base}-save"),
+            restore: format!("{base}-restore"),
+        }
+    }
+}
+
+/// A jump from a built-in chain to one of ours: (table, our chain, from chain, comment, extra args).
+type Jump = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
+
+const NEW: &[&str] = &["-m", "conntrack", "--ctstate", "NEW"];
+const JUMPS: &[Jump] = &[
+    (
+        "filter",
+        KUBE_EXTERNAL_SERVICES,
+        "INPUT",
+        "kubernetes externally-visible service portals",
+        NEW,
+    ),
+    (
+        "filter",
+        KUBE_EXTERNAL_SERVICES,
+        "FORWARD",
+        "kubernetes externally-visible service portals",
+        NEW,
+    ),
+    (
+        "filter",
+        KUBE_NODEPORTS,
+        "INPUT",
+        "kubernetes health check service ports",
+        &[],
+    ),
+    (
+        "filter",
+        KUBE_SERVICES,
+        "FORWARD",
+        "kubernetes service portals",
+        NEW,
+    ),
+    (
+        "filter",
+        KUBE_SERVICES,
+        "OUTPUT",
+        "kubernetes service portals",
+        NEW,
+    ),
+    (
+        "filter",
+        KUBE_FORWARD,
+        "FORWARD",
+        "kubernetes forwarding rules",
+        &[],
+    ),
+    (
+        "filter",
+        KUBE_PROXY_FIREWALL,
+        "INPUT",
+        "kubernetes load balancer firewall",
+        NEW,
+    ),
+    (
+        "filter",
+        KUBE_PROXY_FIREWALL,
+        "OUTPUT",
+        "kubernetes load balancer firewall",
+        NEW,
+    ),
+    (
+        "filter",
+        KUBE_PROXY_FIREWALL,
+        "FORWARD",
+        "kubernetes load balancer firewall",
+        NEW,
+    ),
+    (
+        "nat",
+        KUBE_SERVICES,
+        "OUTPUT",
+        "kubernetes service portals",
+        &[],
+    ),
+    (
+        "nat",
+        KUBE_SERVICES,
+        "PREROUTING",
+        "kubernetes service portals",
+        &[],
+    ),
+    (
+        "nat",
+        KUBE_POSTROUTING,
+        "POSTROUTING",
+        "kubernetes postrouting rules",
+        &[],
+    ),
+];
+
+fn jump_args(j: &Jump) -> Vec<String> {
+    let (_, chain, _, comment, extra) = j;
+    let mut a: Vec<String> = vec![
+        "-m".into(),
+        "comment".into(),
+        "--comment".into(),
+        comment.to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a.extend(["-j".to_string(), chain.to_string()]);
+    a
+}
+
+/// iptables mode for one IP family.
+pub struct IptablesProxier<R: CommandRunner> {
+    runner: R,
+    cfg: IptablesConfig,
+    tools: Tools,
+    needs_full: bool,
+    /// Per-service nat chains believed to exist in the kernel.
+    known_chains: BTreeSet<String>,
+    rule_counts: HashMap<NamespacedName, usize>,
+}
+
+impl<R: CommandRunner> IptablesProxier<R> {
+    pub fn new(runner: R, cfg: IptablesConfig) -> Self {
+        let tools = Tools::for_family(cfg.family);
+        IptablesProxier {
+            runner,
+            cfg,
+            tools,
+            needs_full: true,
+            known_chains: BTreeSet::new(),
+            rule_counts: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &IptablesConfig {
+        &self.cfg
+    }
+
+    fn ipt(&self, args: &[&str]) -> Result<kp_dataplane::CommandOutput, SyncError> {
+        Ok(self.runner.run(&self.tools.iptables, args, None)?)
+    }
+
+    fn ensure_chain(&self, table: &str, chain: &str) -> Result<(), SyncError> {
+        let out = self.ipt(&["-w", "5", "-t", table, "-N", chain])?;
+        if out.success() || out.stderr.contains("exists") {
+            Ok(())
+        } else {
+            Err(apply_error(&self.tools.iptables, &out.stderr, None))
+        }
+    }
+
+    /// Ensures our chains exist and the built-in chains jump to them (prepended), as
+    /// upstream does on full syncs.
+    fn ensure_jumps(&self) -> Result<(), SyncError> {
+        let mut jumps: Vec<Jump> = JUMPS.to_vec();
+        if self.cfg.localhost_node_ports_active() {
+            jumps.push((
+                "filter",
+                KUBE_FIREWALL,
+                "INPUT",
+                "kubernetes firewall for dropping marked packets",
+                &[],
+            ));
+            jumps.push((
+                "filter",
+                KUBE_FIREWALL,
+                "OUTPUT",
+                "kubernetes firewall for dropping marked packets",
+                &[],
+            ));
+        }
+        for j in &jumps {
+            let (table, chain, from, _, _) = j;
+            self.ensure_chain(table, chain)?;
+            let args = jump_args(j);
+            let mut check: Vec<&str> = vec!["-w", "5", "-t", table, "-C", from];
+            check.extend(args.iter().map(|s| s.as_str()));
+            if self.ipt(&check)?.success() {
+                continue;
+            }
+            let mut insert: Vec<&str> = vec!["-w", "5", "-t", table, "-I", from];
+            insert.extend(args.iter().map(|s| s.as_str()));
+            let out = self.ipt(&insert)?;
+            if !out.success() {
+                return Err(apply_error(&self.tools.iptables, &out.stderr, None));
+            }
+        }
+        for table in ["mangle", "nat", "filter"] {
+            self.ensure_chain(table, CANARY)?;
+        }
+        Ok(())
+    }
+
+    /// Per-service chains present in the kernel (full syncs only: it lists the table).
+    fn existing_service_chains(&self) -> Result<BTreeSet<String>, SyncError> {
+        let out = self.runner.run(&self.tools.save, &["-t", "nat"], None)?;
+        if !out.success() {
+            return Err(apply_error(&self.tools.save, &out.stderr, None));
+        }
+        Ok(out
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| SERVICE_CHAIN_PREFIXES.iter().any(|p| c.starts_with(p)))
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn restore(&self, text: &str) -> Result<(), SyncError> {
+        let out = self.runner.run(
+            &self.tools.restore,
+            &["-w", "5", "-W", "100000", "--noflush", "--counters"],
+            Some(text.as_bytes()),
+        )?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(apply_error(&self.tools.restore, &out.stderr, Some(text)))
+        }
+    }
+}
+
+/// Turns a tool's stderr into an error, quoting the input line it names (`line N`).
+fn apply_error(tool: &str, stderr: &str, input: Option<&str>) -> SyncError {
+    let message = stderr
+        .trim()
+        .lines()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let line = input.and_then(|text| {
+        let idx = stderr.find("line ")?;
+        let n: usize = stderr[idx + 5..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .ok()?;
+        text.lines().nth(n.checked_sub(1)?).map(str::to_string)
+    });
+    let tool: &'static str = if tool.contains("restore") {
+        "iptables-restore"
+    } else if tool.contains("save") {
+        "iptables-save"
+    } else {
+        "iptables"
+    };
+    SyncError::Apply {
+        tool,
+        message,
+        line,
+    }
+}
+
+impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn family(&self) -> IpFamily {
+        self.cfg.family
+    }
+
+    fn sync(&mut self, input: &SyncInput<'_>) -> Result<SyncReport, SyncError> {
+        let full = input.force_full || self.needs_full;
+        // Until this sync succeeds, the next one must be full.
+        self.needs_full = true;
+        if full {
+            self.ensure_jumps()?;
+            let existing = self.existing_service_chains()?;
+            self.known_chains.extend(existing);
+        }
+        let changed = (!full).then_some(&input.changes.services);
+        let rendered = render(
+            &self.cfg,
+            input.state,
+            input.node,
+            changed,
+            &self.known_chains,
+            &self.rule_counts,
+        );
+        self.restore(&rendered.text)?;
+        self.needs_full = false;
+        self.known_chains = rendered.active_nat_chains;
+        self.rule_counts = rendered.service_rule_counts;
+        Ok(SyncReport {
+            full,
+            rules_total: rendered.rules_total,
+            rules_written: rendered.rules_written,
+            no_local_endpoints_internal: rendered.no_local_endpoints_internal,
+            no_local_endpoints_external: rendered.no_local_endpoints_external,
+            health_checks: rendered.health_checks,
+            bytes_written: rendered.text.len(),
+        })
+    }
+
+    fn needs_full_sync(&mut self) -> bool {
+        for table in ["mangle", "nat", "filter"] {
+            match self.ipt(&["-w", "5", "-t", table, "-S", CANARY]) {
+                Ok(out) if out.success() => {}
+                _ => {
+                    tracing::warn!(
+                        table,
+                        "canary chain missing: iptables was flushed, forcing a full sync"
+                    );
+                    self.needs_full = true;
+                    return true;
+                }
+            }
+        }
+        self.needs_full
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        let mut jumps: Vec<Jump> = JUMPS.to_vec();
+        jumps.push((
+            "filter",
+            KUBE_FIREWALL,
+            "INPUT",
+            "kubernetes firewall for dropping marked packets",
+            &[],
+        ));
+        jumps.push((
+            "filter",
+            KUBE_FIREWALL,
+            "OUTPUT",
+            "kubernetes firewall for dropping marked packets",
+            &[],
+        ));
+        for j in &jumps {
+            let (table, _, from, _, _) = j;
+            let args = jump_args(j);
+            // Delete every copy of the jump.
+            loop {
+                let mut del: Vec<&str> = vec!["-w", "5", "-t", table, "-D", from];
+                del.extend(args.iter().map(|s| s.as_str()));
+                if !self.ipt(&del)?.success() {
+                    break;
+                }
+            }
+        }
+        // Flush then delete our chains, per table, in one restore each.
+        let nat_chains: BTreeSet<String> = self
+            .existing_service_chains()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(
+                [
+                    KUBE_SERVICES,
+                    KUBE_NODEPORTS,
+                    KUBE_POSTROUTING,
+                    KUBE_MARK_MASQ,
+                    CANARY,
+                ]
+                .map(String::from),
+            )
+            .collect();
+        let filter_chains = [
+            KUBE_SERVICES,
+            KUBE_EXTERNAL_SERVICES,
+            KUBE_NODEPORTS,
+            KUBE_FORWARD,
+            KUBE_PROXY_FIREWALL,
+            CANARY,
+        ];
+        let mut text = String::from("*filter\n");
+        for c in filter_chains {
+            text.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        for c in filter_chains {
+            text.push_str(&format!("-X {c}\n"));
+        }
+        text.push_str("COMMIT\n*nat\n");
+        for c in &nat_chains {
+            text.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        for c in &nat_chains {
+            text.push_str(&format!("-X {c}\n"));
+        }
+        text.push_str("COMMIT\n*mangle\n");
+        text.push_str(&format!(":{CANARY} - [0:0]\n-X {CANARY}\nCOMMIT\n"));
+        self.restore(&text)?;
+        // KUBE-FIREWALL may be kubelet's too: remove it only if nothing else still uses it.
+        if self
+            .restore(&format!(
+                "*filter\n:{KUBE_FIREWALL} - [0:0]\n-X {KUBE_FIREWALL}\nCOMMIT\n"
+            ))
+            .is_err()
+        {
+            tracing::info!("KUBE-FIREWALL is still referenced by another component; left in place");
+        }
+        self.known_chains.clear();
+        self.needs_full = true;
+        Ok(())
+    }
+}

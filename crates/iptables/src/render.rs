@@ -1,0 +1,846 @@
+//! State -> `iptables-restore --noflush` input, in upstream's shapes (pkg/proxy/iptables).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use kp_dataplane::{
+    LocalDetector, NodeInfo, NodePortAddresses, endpoint_chain_name, service_chain_name,
+};
+use kp_model::{IpFamily, NamespacedName, ProxyState, ServicePort, categorize_endpoints};
+
+use crate::text::{Lines, sanitize_comment};
+
+pub(crate) const KUBE_SERVICES: &str = "KUBE-SERVICES";
+pub(crate) const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+pub(crate) const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+pub(crate) const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+pub(crate) const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+pub(crate) const KUBE_FORWARD: &str = "KUBE-FORWARD";
+pub(crate) const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+pub(crate) const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
+
+/// Above this many endpoints in total, per-endpoint comments are dropped (upstream's
+/// large-cluster mode), shrinking restore input by ~40%.
+const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// Per-service chain prefixes (nat table) that this proxy owns and garbage-collects.
+pub(crate) const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-SEP-",
+];
+
+/// Settings of the iptables mode for one IP family.
+#[derive(Debug, Clone)]
+pub struct IptablesConfig {
+    pub family: IpFamily,
+    pub masquerade_bit: u32,
+    pub masquerade_all: bool,
+    pub local_detector: LocalDetector,
+    pub node_port_addresses: NodePortAddresses,
+    pub localhost_node_ports: bool,
+    /// Omit the conntrack INVALID drop (when nf_conntrack_tcp_be_liberal is set).
+    pub tcp_be_liberal: bool,
+    pub random_fully: bool,
+}
+
+impl IptablesConfig {
+    pub fn masquerade_mark(&self) -> String {
+        format!("{:#08x}", 1u32 << self.masquerade_bit)
+    }
+
+    /// Localhost NodePorts are served (IPv4 only, and only if 127/8 is in scope).
+    pub fn localhost_node_ports_active(&self) -> bool {
+        self.family == IpFamily::V4
+            && self.localhost_node_ports
+            && self.node_port_addresses.contains_ipv4_loopback()
+    }
+}
+
+/// Result of rendering one sync.
+#[derive(Debug, Default)]
+pub struct Rendered {
+    /// `iptables-restore --noflush` input (filter then nat).
+    pub text: String,
+    /// Per-service nat chains that exist after this sync.
+    pub active_nat_chains: BTreeSet<String>,
+    pub rules_written: BTreeMap<&'static str, usize>,
+    pub rules_total: BTreeMap<&'static str, usize>,
+    /// Rule counts of per-service chains, to keep totals right when later syncs skip them.
+    pub service_rule_counts: HashMap<NamespacedName, usize>,
+    pub no_local_endpoints_internal: usize,
+    pub no_local_endpoints_external: usize,
+    pub health_checks: BTreeMap<NamespacedName, (u16, usize)>,
+}
+
+struct Ctx<'a> {
+    cfg: &'a IptablesConfig,
+    mark: String,
+    large: bool,
+}
+
+impl Ctx<'_> {
+    /// Comment tokens, or nothing in large-cluster mode (for per-endpoint rules).
+    fn ep_comment(&self, c: &str) -> Vec<String> {
+        if self.large {
+            vec![]
+        } else {
+            vec![
+                "-m".into(),
+                "comment".into(),
+                "--comment".into(),
+                sanitize_comment(c),
+            ]
+        }
+    }
+}
+
+fn comment(c: &str) -> [String; 4] {
+    [
+        "-m".into(),
+        "comment".into(),
+        "--comment".into(),
+        sanitize_comment(c),
+    ]
+}
+
+/// A comment fixed in this source file (may hold characters the sanitizer would drop).
+fn comment_fixed(c: &'static str) -> [String; 4] {
+    ["-m".into(), "comment".into(), "--comment".into(), c.into()]
+}
+
+fn rule(out: &mut Lines, parts: &[&[String]]) {
+    let tokens: Vec<&str> = parts
+        .iter()
+        .flat_map(|p| p.iter().map(|s| s.as_str()))
+        .collect();
+    out.rule(&tokens);
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn host(ip: &IpAddr) -> String {
+    ip.to_string()
+}
+
+/// Renders the restore input. `changed` lists services whose per-service chains must be
+/// rewritten; `None` means a full sync. `previous_chains` are per-service chains believed
+/// to exist; those no longer active are deleted. `cached_counts` holds rule counts of
+/// per-service chains from earlier syncs.
+pub fn render(
+    cfg: &IptablesConfig,
+    state: &ProxyState,
+    node: &NodeInfo,
+    changed: Option<&BTreeSet<NamespacedName>>,
+    previous_chains: &BTreeSet<String>,
+    cached_counts: &HashMap<NamespacedName, usize>,
+) -> Rendered {
+    let ctx = Ctx {
+        cfg,
+        mark: cfg.masquerade_mark(),
+        large: state.endpoint_count() > LARGE_CLUSTER_ENDPOINTS,
+    };
+    let mut out = Rendered::default();
+
+    let mut filter_chains = Lines::default();
+    let mut filter_rules = Lines::default();
+    let mut nat_chains = Lines::default();
+    let mut nat_rules = Lines::default();
+    let mut skipped_rules = 0usize;
+
+    let lh_nodeports = cfg.localhost_node_ports_active();
+    let mut filter_names = vec![
+        KUBE_NODEPORTS,
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_FORWARD,
+        KUBE_PROXY_FIREWALL,
+    ];
+    if lh_nodeports {
+        filter_names.push(KUBE_FIREWALL);
+    }
+    for c in &filter_names {
+        filter_chains.raw(&format!(":{c} - [0:0]"));
+    }
+    for c in [
+        KUBE_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+    ] {
+        nat_chains.raw(&format!(":{c} - [0:0]"));
+    }
+
+    // Static rules.
+    let mark_mask = format!("{m}/{m}", m = ctx.mark);
+    rule(
+        &mut nat_rules,
+        &[&s(&[
+            "-A",
+            KUBE_POSTROUTING,
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            &mark_mask,
+            "-j",
+            "RETURN",
+        ])],
+    );
+    rule(
+        &mut nat_rules,
+        &[&s(&[
+            "-A",
+            KUBE_POSTROUTING,
+            "-j",
+            "MARK",
+            "--xor-mark",
+            &ctx.mark,
+        ])],
+    );
+    let mut masq = s(&["-A", KUBE_POSTROUTING]);
+    masq.extend(comment("kubernetes service traffic requiring SNAT"));
+    masq.extend(s(&["-j", "MASQUERADE"]));
+    if cfg.random_fully {
+        masq.push("--random-fully".into());
+    }
+    rule(&mut nat_rules, &[&masq]);
+    rule(
+        &mut nat_rules,
+        &[&s(&[
+            "-A",
+            KUBE_MARK_MASQ,
+            "-j",
+            "MARK",
+            "--or-mark",
+            &ctx.mark,
+        ])],
+    );
+    if !cfg.tcp_be_liberal {
+        rule(
+            &mut filter_rules,
+            &[&s(&[
+                "-A",
+                KUBE_FORWARD,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ])],
+        );
+    }
+    rule(
+        &mut filter_rules,
+        &[
+            &s(&["-A", KUBE_FORWARD]),
+            &comment("kubernetes forwarding rules"),
+            &s(&["-m", "mark", "--mark", &mark_mask, "-j", "ACCEPT"]),
+        ],
+    );
+    rule(
+        &mut filter_rules,
+        &[
+            &s(&["-A", KUBE_FORWARD]),
+            &comment("kubernetes forwarding conntrack rule"),
+            &s(&[
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ]),
+        ],
+    );
+    if lh_nodeports {
+        rule(
+            &mut filter_rules,
+            &[
+                &s(&["-A", KUBE_FIREWALL]),
+                &comment("block incoming localnet connections"),
+                &s(&[
+                    "-d",
+                    "127.0.0.0/8",
+                    "!",
+                    "-s",
+                    "127.0.0.0/8",
+                    "-m",
+                    "conntrack",
+                    "!",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED,DNAT",
+                    "-j",
+                    "DROP",
+                ]),
+            ],
+        );
+    }
+
+    // Node IPs inside a LoadBalancer source range let the VIP itself through (the
+    // "VIP on the node" loopback case).
+    let node_ips: &[IpAddr] = &node.node_ips;
+
+    let mut svc_counts: HashMap<NamespacedName, usize> = HashMap::new();
+    for svc in state.services.values() {
+        let key = &svc.name.service;
+        let rewrite = changed.is_none_or(|c| c.contains(key));
+        let eps = state.endpoints_of(&svc.name);
+        let cat = categorize_endpoints(svc, eps, &node.topology);
+        let mut chains = Lines::default();
+        let mut rules = Lines::default();
+        let stats = render_service(
+            &ctx,
+            svc,
+            &cat,
+            node_ips,
+            &mut nat_rules,
+            &mut filter_rules,
+            &mut chains,
+            &mut rules,
+            &mut out.active_nat_chains,
+        );
+        out.no_local_endpoints_internal += stats.no_local_internal as usize;
+        out.no_local_endpoints_external += stats.no_local_external as usize;
+        if let Some(hc) = svc.health_check_node_port {
+            let local_ready: BTreeSet<IpAddr> = eps
+                .iter()
+                .filter(|e| e.is_local && e.ready)
+                .map(|e| e.ip)
+                .collect();
+            out.health_checks
+                .insert(key.clone(), (hc, local_ready.len()));
+        }
+        *svc_counts.entry(key.clone()).or_default() += rules.rules;
+        if rewrite {
+            nat_chains.append(chains);
+            nat_rules.append(rules);
+        }
+    }
+    // Keep cached counts for services whose chains were skipped.
+    for (k, n) in &svc_counts {
+        let rewritten = changed.is_none_or(|c| c.contains(k));
+        if !rewritten {
+            skipped_rules += cached_counts.get(k).copied().unwrap_or(*n);
+        }
+    }
+    out.service_rule_counts = svc_counts;
+
+    // NodePorts: the last rule of KUBE-SERVICES.
+    let np_comment = comment_fixed(
+        "kubernetes service nodeports; NOTE: this must be the last rule in this chain",
+    );
+    if cfg.node_port_addresses.match_all() {
+        let mut dst = s(&["-m", "addrtype", "--dst-type", "LOCAL"]);
+        if cfg.family == IpFamily::V6 {
+            dst.extend(s(&["!", "-d", "::1/128"]));
+        } else if !cfg.localhost_node_ports {
+            dst.extend(s(&["!", "-d", "127.0.0.0/8"]));
+        }
+        rule(
+            &mut nat_rules,
+            &[
+                &s(&["-A", KUBE_SERVICES]),
+                &np_comment,
+                &dst,
+                &s(&["-j", KUBE_NODEPORTS]),
+            ],
+        );
+    } else {
+        for ip in cfg.node_port_addresses.filter(&node.local_addresses) {
+            if ip.is_loopback() && !lh_nodeports {
+                continue;
+            }
+            rule(
+                &mut nat_rules,
+                &[
+                    &s(&["-A", KUBE_SERVICES]),
+                    &np_comment,
+                    &s(&["-d", &host(&ip), "-j", KUBE_NODEPORTS]),
+                ],
+            );
+        }
+    }
+
+    // Delete per-service chains that are no longer needed.
+    let mut deletes = Lines::default();
+    for chain in previous_chains.difference(&out.active_nat_chains) {
+        nat_chains.raw(&format!(":{chain} - [0:0]"));
+        deletes.raw(&format!("-X {chain}"));
+    }
+
+    out.rules_written.insert("filter", filter_rules.rules);
+    out.rules_written.insert("nat", nat_rules.rules);
+    out.rules_total.insert("filter", filter_rules.rules);
+    out.rules_total
+        .insert("nat", nat_rules.rules + skipped_rules);
+
+    let mut text = String::with_capacity(
+        filter_rules.text.len() + nat_rules.text.len() + nat_chains.text.len() + 256,
+    );
+    text.push_str("*filter\n");
+    text.push_str(&filter_chains.text);
+    text.push_str(&filter_rules.text);
+    text.push_str("COMMIT\n*nat\n");
+    text.push_str(&nat_chains.text);
+    text.push_str(&nat_rules.text);
+    text.push_str(&deletes.text);
+    text.push_str("COMMIT\n");
+    out.text = text;
+    out
+}
+
+#[derive(Default)]
+struct ServiceStats {
+    no_local_internal: bool,
+    no_local_external: bool,
+}
+
+/// Writes one service port: its entry rules into the shared top-level chains, and its own
+/// chains into `chains`/`rules` (which the caller drops on a partial sync if unchanged).
+#[allow(clippy::too_many_arguments)]
+fn render_service(
+    ctx: &Ctx<'_>,
+    svc: &ServicePort,
+    cat: &kp_model::CategorizedEndpoints,
+    node_ips: &[IpAddr],
+    nat_top: &mut Lines,
+    filter_top: &mut Lines,
+    chains: &mut Lines,
+    rules: &mut Lines,
+    active: &mut BTreeSet<String>,
+) -> ServiceStats {
+    let cfg = ctx.cfg;
+    let name = svc.name.to_string();
+    let proto = svc.protocol.lower();
+    let cluster_chain = service_chain_name("KUBE-SVC-", &svc.name);
+    let local_chain = service_chain_name("KUBE-SVL-", &svc.name);
+    let ext_chain = service_chain_name("KUBE-EXT-", &svc.name);
+    let fw_chain = service_chain_name("KUBE-FW-", &svc.name);
+    let internal_chain = if svc.internal_policy_local {
+        &local_chain
+    } else {
+        &cluster_chain
+    };
+    let external_policy_chain = if svc.external_policy_local {
+        &local_chain
+    } else {
+        &cluster_chain
+    };
+
+    let has_internal = if svc.internal_policy_local {
+        !cat.local.is_empty()
+    } else {
+        !cat.cluster.is_empty()
+    };
+    let has_external = if svc.external_policy_local {
+        !cat.local.is_empty()
+    } else {
+        !cat.cluster.is_empty()
+    };
+    let uses_cluster_chain = !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
+    let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
+    let uses_ext_chain = cat.has_any && svc.externally_accessible();
+    let uses_fw = uses_ext_chain && !svc.load_balancer_source_ranges.is_empty();
+
+    let mut stats = ServiceStats::default();
+    let (int_target, int_comment) = if cat.has_any {
+        stats.no_local_internal = svc.internal_policy_local && !has_internal;
+        ("DROP", format!("{name} has no local endpoints"))
+    } else {
+        ("REJECT", format!("{name} has no endpoints"))
+    };
+    let (ext_target, ext_comment) = if cat.has_any {
+        stats.no_local_external =
+            svc.external_policy_local && svc.externally_accessible() && !has_external;
+        ("DROP", format!("{name} has no local endpoints"))
+    } else {
+        ("REJECT", format!("{name} has no endpoints"))
+    };
+    let port = svc.port.to_string();
+    let l4 = s(&["-m", proto, "-p", proto]);
+    let cip = host(&svc.cluster_ip);
+
+    // ClusterIP.
+    let cluster_match = [l4.clone(), s(&["-d", &cip, "--dport", &port])].concat();
+    if has_internal {
+        rule(
+            nat_top,
+            &[
+                &s(&["-A", KUBE_SERVICES]),
+                &comment(&format!("{name} cluster IP")),
+                &cluster_match,
+                &s(&["-j", internal_chain]),
+            ],
+        );
+    } else {
+        rule(
+            filter_top,
+            &[
+                &s(&["-A", KUBE_SERVICES]),
+                &comment(&int_comment),
+                &cluster_match,
+                &s(&["-j", int_target]),
+            ],
+        );
+    }
+    // externalIPs.
+    for ip in &svc.external_ips {
+        let m = [l4.clone(), s(&["-d", &host(ip), "--dport", &port])].concat();
+        if uses_ext_chain {
+            rule(
+                nat_top,
+                &[
+                    &s(&["-A", KUBE_SERVICES]),
+                    &comment(&format!("{name} external IP")),
+                    &m,
+                    &s(&["-j", &ext_chain]),
+                ],
+            );
+        }
+        if !has_external {
+            rule(
+                filter_top,
+                &[
+                    &s(&["-A", KUBE_EXTERNAL_SERVICES]),
+                    &comment(&ext_comment),
+                    &m,
+                    &s(&["-j", ext_target]),
+                ],
+            );
+        }
+    }
+    // LoadBalancer VIPs.
+    for ip in &svc.load_balancer_vips {
+        let m = [l4.clone(), s(&["-d", &host(ip), "--dport", &port])].concat();
+        if uses_ext_chain {
+            let target = if uses_fw { &fw_chain } else { &ext_chain };
+            rule(
+                nat_top,
+                &[
+                    &s(&["-A", KUBE_SERVICES]),
+                    &comment(&format!("{name} loadbalancer IP")),
+                    &m,
+                    &s(&["-j", target]),
+                ],
+            );
+        }
+        if uses_fw {
+            rule(
+                filter_top,
+                &[
+                    &s(&["-A", KUBE_PROXY_FIREWALL]),
+                    &comment(&format!("{name} traffic not accepted by {fw_chain}")),
+                    &m,
+                    &s(&["-j", "DROP"]),
+                ],
+            );
+        }
+        if !has_external {
+            rule(
+                filter_top,
+                &[
+                    &s(&["-A", KUBE_EXTERNAL_SERVICES]),
+                    &comment(&ext_comment),
+                    &m,
+                    &s(&["-j", ext_target]),
+                ],
+            );
+        }
+    }
+    // NodePort.
+    if let Some(np) = svc.node_port {
+        let np = np.to_string();
+        if uses_ext_chain {
+            rule(
+                nat_top,
+                &[
+                    &s(&["-A", KUBE_NODEPORTS]),
+                    &comment(&name),
+                    &l4,
+                    &s(&["--dport", &np, "-j", &ext_chain]),
+                ],
+            );
+        }
+        if !has_external {
+            rule(
+                filter_top,
+                &[
+                    &s(&["-A", KUBE_EXTERNAL_SERVICES]),
+                    &comment(&ext_comment),
+                    &s(&["-m", "addrtype", "--dst-type", "LOCAL"]),
+                    &l4,
+                    &s(&["--dport", &np, "-j", ext_target]),
+                ],
+            );
+        }
+    }
+    if let Some(hc) = svc.health_check_node_port {
+        rule(
+            filter_top,
+            &[
+                &s(&["-A", KUBE_NODEPORTS]),
+                &comment(&format!("{name} health check node port")),
+                &s(&[
+                    "-m",
+                    "tcp",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    &hc.to_string(),
+                    "-j",
+                    "ACCEPT",
+                ]),
+            ],
+        );
+    }
+
+    // Per-service chains.
+    if has_internal {
+        if cfg.masquerade_all {
+            rule(
+                rules,
+                &[
+                    &s(&["-A", internal_chain]),
+                    &comment(&format!("{name} cluster IP")),
+                    &cluster_match,
+                    &s(&["-j", KUBE_MARK_MASQ]),
+                ],
+            );
+        } else if cfg.local_detector.is_implemented() {
+            rule(
+                rules,
+                &[
+                    &s(&["-A", internal_chain]),
+                    &comment(&format!("{name} cluster IP")),
+                    &cluster_match,
+                    &cfg.local_detector.iptables_if_not_local(),
+                    &s(&["-j", KUBE_MARK_MASQ]),
+                ],
+            );
+        }
+    }
+    if uses_ext_chain {
+        chains.raw(&format!(":{ext_chain} - [0:0]"));
+        active.insert(ext_chain.clone());
+        if svc.external_policy_local {
+            if cfg.local_detector.is_implemented() && uses_cluster_chain {
+                rule(
+                    rules,
+                    &[
+                        &s(&["-A", &ext_chain]),
+                        &comment(&format!("pod traffic for {name} external destinations")),
+                        &cfg.local_detector.iptables_if_local(),
+                        &s(&["-j", &cluster_chain]),
+                    ],
+                );
+            }
+            rule(
+                rules,
+                &[
+                    &s(&["-A", &ext_chain]),
+                    &comment(&format!(
+                        "masquerade LOCAL traffic for {name} external destinations"
+                    )),
+                    &s(&[
+                        "-m",
+                        "addrtype",
+                        "--src-type",
+                        "LOCAL",
+                        "-j",
+                        KUBE_MARK_MASQ,
+                    ]),
+                ],
+            );
+            if uses_cluster_chain {
+                rule(
+                    rules,
+                    &[
+                        &s(&["-A", &ext_chain]),
+                        &comment(&format!(
+                            "route LOCAL traffic for {name} external destinations"
+                        )),
+                        &s(&[
+                            "-m",
+                            "addrtype",
+                            "--src-type",
+                            "LOCAL",
+                            "-j",
+                            &cluster_chain,
+                        ]),
+                    ],
+                );
+            }
+        } else {
+            rule(
+                rules,
+                &[
+                    &s(&["-A", &ext_chain]),
+                    &comment(&format!(
+                        "masquerade traffic for {name} external destinations"
+                    )),
+                    &s(&["-j", KUBE_MARK_MASQ]),
+                ],
+            );
+        }
+        if has_external {
+            rule(
+                rules,
+                &[&s(&["-A", &ext_chain, "-j", external_policy_chain])],
+            );
+        }
+    }
+    if uses_fw {
+        chains.raw(&format!(":{fw_chain} - [0:0]"));
+        active.insert(fw_chain.clone());
+        let c = comment(&format!("{name} loadbalancer IP"));
+        for range in &svc.load_balancer_source_ranges {
+            rule(
+                rules,
+                &[
+                    &s(&["-A", &fw_chain]),
+                    &c,
+                    &s(&["-s", &range.to_string(), "-j", &ext_chain]),
+                ],
+            );
+        }
+        let node_in_range = node_ips.iter().any(|ip| {
+            svc.load_balancer_source_ranges
+                .iter()
+                .any(|r| r.contains(ip))
+        });
+        if node_in_range {
+            for vip in &svc.load_balancer_vips {
+                rule(
+                    rules,
+                    &[
+                        &s(&["-A", &fw_chain]),
+                        &c,
+                        &s(&["-s", &host(vip), "-j", &ext_chain]),
+                    ],
+                );
+            }
+        }
+        rule(
+            rules,
+            &[
+                &s(&["-A", &fw_chain]),
+                &comment(&format!(
+                    "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
+                )),
+            ],
+        );
+    }
+    if uses_cluster_chain {
+        chains.raw(&format!(":{cluster_chain} - [0:0]"));
+        active.insert(cluster_chain.clone());
+        write_balancing(ctx, svc, &name, &cluster_chain, &cat.cluster, rules);
+    }
+    if uses_local_chain {
+        chains.raw(&format!(":{local_chain} - [0:0]"));
+        active.insert(local_chain.clone());
+        write_balancing(ctx, svc, &name, &local_chain, &cat.local, rules);
+    }
+    for ep in &cat.all_reachable {
+        let addr = ep.addr_string();
+        let sep = endpoint_chain_name(&svc.name, &addr);
+        chains.raw(&format!(":{sep} - [0:0]"));
+        active.insert(sep.clone());
+        let c = ctx.ep_comment(&name);
+        rule(
+            rules,
+            &[
+                &s(&["-A", &sep]),
+                &c,
+                &s(&["-s", &host(&ep.ip), "-j", KUBE_MARK_MASQ]),
+            ],
+        );
+        let mut dnat = s(&["-A", &sep]);
+        dnat.extend(c);
+        if svc.session_affinity_timeout.is_some() {
+            dnat.extend(s(&["-m", "recent", "--name", &sep, "--set"]));
+        }
+        dnat.extend(l4.clone());
+        dnat.extend(s(&["-j", "DNAT", "--to-destination", &addr]));
+        rule(rules, &[&dnat]);
+    }
+    stats
+}
+
+/// Affinity rules, then `statistic` rules: endpoint i of n matches with probability
+/// 1/(n-i), the last one always.
+fn write_balancing(
+    ctx: &Ctx<'_>,
+    svc: &ServicePort,
+    name: &str,
+    chain: &str,
+    eps: &[kp_model::Endpoint],
+    rules: &mut Lines,
+) {
+    let with_sep: Vec<(String, String)> = eps
+        .iter()
+        .map(|e| {
+            let a = e.addr_string();
+            (endpoint_chain_name(&svc.name, &a), a)
+        })
+        .collect();
+    if let Some(timeout) = svc.session_affinity_timeout {
+        let t = timeout.to_string();
+        for (sep, addr) in &with_sep {
+            rule(
+                rules,
+                &[
+                    &s(&["-A", chain]),
+                    &ctx.ep_comment(&format!("{name} -> {addr}")),
+                    &s(&[
+                        "-m",
+                        "recent",
+                        "--name",
+                        sep,
+                        "--rcheck",
+                        "--seconds",
+                        &t,
+                        "--reap",
+                        "-j",
+                        sep,
+                    ]),
+                ],
+            );
+        }
+    }
+    let n = with_sep.len();
+    for (i, (sep, addr)) in with_sep.iter().enumerate() {
+        let c = ctx.ep_comment(&format!("{name} -> {addr}"));
+        if i + 1 < n {
+            let p = format!("{:.10}", 1.0 / (n - i) as f64);
+            rule(
+                rules,
+                &[
+                    &s(&["-A", chain]),
+                    &c,
+                    &s(&[
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &p,
+                        "-j",
+                        sep,
+                    ]),
+                ],
+            );
+        } else {
+            rule(rules, &[&s(&["-A", chain]), &c, &s(&["-j", sep])]);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "render_tests.rs"]
+mod tests;
