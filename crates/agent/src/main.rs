@@ -1,1 +1,133 @@
-fn main() {}
+//! kube-proxy-rs: a drop-in replacement for Kubernetes' kube-proxy.
+//!
+//! `kube-proxy-rs [upstream kube-proxy flags]` runs the proxy;
+//! `kube-proxy-rs sandbox [manifest]` runs the embedded walk-through without a cluster.
+
+mod client;
+mod daemon;
+mod kernel;
+mod runner;
+mod sandbox;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use kp_dataplane::{Dataplane, SystemRunner};
+
+fn init_tracing(verbosity: u32) {
+    let default = match verbosity {
+        0..=1 => "info",
+        2..=3 => "info,kube_proxy_rs=debug",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KUBE_PROXY_RS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == "sandbox") {
+        init_tracing(0);
+        return match sandbox::main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kube-proxy-rs sandbox: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let loaded = match kp_config::load(args) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kube-proxy-rs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if loaded.show_help {
+        print!("{}", kp_config::help_text());
+        return ExitCode::SUCCESS;
+    }
+    if loaded.show_version {
+        println!(
+            "kube-proxy-rs v{} (kube-proxy v1.3x compatible)",
+            env!("CARGO_PKG_VERSION")
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(loaded.settings.verbosity);
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(path) = &loaded.write_config_to {
+        return match kp_config::write_config_file(path, &loaded.config) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "wrote configuration");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kube-proxy-rs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if loaded.cleanup {
+        return cleanup(&loaded.settings);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kube-proxy-rs: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(daemon::run(loaded)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kube-proxy-rs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--cleanup`: remove everything the iptables mode installed, then exit.
+fn cleanup(settings: &kp_config::Settings) -> ExitCode {
+    let mut ok = true;
+    let node = k8s_openapi::api::core::v1::Node::default();
+    for family in [kp_model::IpFamily::V4, kp_model::IpFamily::V6] {
+        let tools = kp_iptables::Tools::for_family(family);
+        if which(&tools.restore).is_none() {
+            continue;
+        }
+        let cfg = daemon::iptables_config(settings, family, &node);
+        let mut p = kp_iptables::IptablesProxier::new(SystemRunner, cfg);
+        match p.cleanup() {
+            Ok(()) => tracing::info!(family = family.k8s_name(), "removed iptables rules"),
+            Err(e) => {
+                tracing::error!(family = family.k8s_name(), error = %e, "cleanup failed");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}

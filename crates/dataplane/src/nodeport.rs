@@ -28,6 +28,10 @@ impl NodePortAddresses {
                     .map(|ip| IpNet::from(*ip)),
             );
         }
+        // 0.0.0.0/0 or ::/0 means every address, as upstream's MatchAll.
+        if out.iter().any(|c| c.prefix_len() == 0) {
+            out.clear();
+        }
         NodePortAddresses { cidrs: out }
     }
 

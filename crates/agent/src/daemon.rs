@@ -1,0 +1,431 @@
+//! The daemon: admin servers, API watchers, the sync loop, and signal handling.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kp_admin::{Metrics, MetricsServerState, ProxyHealth};
+use kp_config::{DetectLocalMode, Loaded, NodePortAddress, ProxyMode};
+use kp_dataplane::{Dataplane, LocalDetector, NodePortAddresses, SystemRunner};
+use kp_iptables::{IptablesConfig, IptablesProxier};
+use kp_model::{ChangeTracker, IpFamily};
+use kp_watch::{ObjectEvent, Watchers, object_name, run_watcher};
+
+use crate::runner::{RunnerConfig, Shared, run_sync_loop};
+
+/// The node name: `--hostname-override`, else the host name, lower-cased.
+pub fn node_name(settings: &kp_config::Settings) -> anyhow::Result<String> {
+    if let Some(n) = settings
+        .hostname_override
+        .as_ref()
+        .filter(|n| !n.is_empty())
+    {
+        return Ok(n.clone());
+    }
+    let host = nix::unistd::gethostname().context("reading the host name")?;
+    Ok(host.to_string_lossy().trim().to_lowercase())
+}
+
+fn admin_family(f: IpFamily) -> kp_admin::IpFamily {
+    match f {
+        IpFamily::V4 => kp_admin::IpFamily::IPv4,
+        IpFamily::V6 => kp_admin::IpFamily::IPv6,
+    }
+}
+
+/// Builds the iptables settings for one family. `node` supplies node IPs (for `primary`)
+/// and pod CIDRs (for NodeCIDR detection).
+pub fn iptables_config(
+    settings: &kp_config::Settings,
+    family: IpFamily,
+    node: &Node,
+) -> IptablesConfig {
+    let (node_ips, pod_cidrs) = node_addresses(node);
+    let local_detector = match &settings.detect_local_mode {
+        DetectLocalMode::ClusterCidr => LocalDetector::from_cidrs(&settings.cluster_cidrs, family),
+        DetectLocalMode::NodeCidr => LocalDetector::from_cidrs(&pod_cidrs, family),
+        DetectLocalMode::BridgeInterface(i) => LocalDetector::BridgeInterface(i.clone()),
+        DetectLocalMode::InterfaceNamePrefix(p) => LocalDetector::InterfacePrefix(p.clone()),
+    };
+    let cidrs: Vec<ipnet::IpNet> = settings
+        .node_port_addresses
+        .iter()
+        .filter_map(|a| match a {
+            NodePortAddress::Cidr(c) => Some(*c),
+            NodePortAddress::Primary => None,
+        })
+        .collect();
+    let primary = settings
+        .node_port_addresses
+        .contains(&NodePortAddress::Primary);
+    IptablesConfig {
+        family,
+        masquerade_bit: settings.masquerade_bit,
+        masquerade_all: settings.masquerade_all,
+        local_detector,
+        node_port_addresses: NodePortAddresses::new(&cidrs, primary, &node_ips, family),
+        localhost_node_ports: settings.localhost_node_ports,
+        tcp_be_liberal: settings.conntrack.tcp_be_liberal || crate::kernel::tcp_be_liberal(),
+        random_fully: true,
+    }
+}
+
+/// Node IPs (InternalIP first, then ExternalIP) and pod CIDRs of a Node object.
+pub fn node_addresses(node: &Node) -> (Vec<IpAddr>, Vec<ipnet::IpNet>) {
+    let mut ips = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        for a in node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+        {
+            if a.type_ == kind
+                && let Ok(ip) = a.address.parse::<IpAddr>()
+                && !ips.contains(&ip)
+            {
+                ips.push(ip);
+            }
+        }
+    }
+    let spec = node.spec.as_ref();
+    let mut cidrs: Vec<ipnet::IpNet> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    if cidrs.is_empty()
+        && let Some(c) = spec
+            .and_then(|s| s.pod_cidr.as_ref())
+            .and_then(|c| c.parse().ok())
+    {
+        cidrs.push(c);
+    }
+    (ips, cidrs)
+}
+
+fn node_zone(node: &Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get("topology.kubernetes.io/zone")
+        .cloned()
+}
+
+async fn serve_admin(
+    loaded: &Loaded,
+    metrics: &Metrics,
+    health: &ProxyHealth,
+) -> anyhow::Result<()> {
+    let s = &loaded.settings;
+    let config_json = serde_json::to_value(&loaded.config).unwrap_or(serde_json::Value::Null);
+    if let Some(addr) = s.metrics_bind_address {
+        let state = MetricsServerState::new(metrics.clone(), config_json);
+        spawn_with_retry("metrics", s.bind_address_hard_fail, move || {
+            let state = state.clone();
+            async move { kp_admin::serve_metrics(addr, state).await.map(|(_, a)| a) }
+        })
+        .await?;
+    }
+    if let Some(addr) = s.healthz_bind_address {
+        let health = health.clone();
+        spawn_with_retry("healthz", s.bind_address_hard_fail, move || {
+            let health = health.clone();
+            async move { kp_admin::serve_healthz(addr, health).await.map(|(_, a)| a) }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Binds a server; on failure either fails hard or keeps retrying every 5 s in the
+/// background, as upstream does.
+async fn spawn_with_retry<F, Fut>(
+    what: &'static str,
+    hard_fail: bool,
+    bind: F,
+) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<std::net::SocketAddr, kp_admin::AdminError>> + Send,
+{
+    match bind().await {
+        Ok(addr) => {
+            tracing::info!(server = what, %addr, "serving");
+            Ok(())
+        }
+        Err(e) if hard_fail => Err(anyhow::anyhow!("{what} server: {e}")),
+        Err(e) => {
+            tracing::error!(server = what, error = %e, "cannot start server; retrying every 5s");
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    if let Ok(addr) = bind().await {
+                        tracing::info!(server = what, %addr, "serving");
+                        return;
+                    }
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT. Rules stay in place on exit.
+pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
+    let s = loaded.settings.clone();
+    if s.mode != ProxyMode::Iptables {
+        anyhow::bail!(
+            "proxy mode {} is not implemented yet; use --proxy-mode=iptables",
+            s.mode
+        );
+    }
+    let node_name = node_name(&s)?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), mode = %s.mode, node = %node_name, "starting kube-proxy-rs");
+    crate::kernel::apply_conntrack(&s.conntrack);
+
+    let family = IpFamily::V4;
+    let metrics = Metrics::new(kp_admin::ProxyMode::Iptables);
+    let health = ProxyHealth::for_sync_period(s.sync_period).with_metrics(metrics.clone());
+    serve_admin(&loaded, &metrics, &health).await?;
+
+    let client = crate::client::build_client(&s).await?;
+    let watchers = Watchers::new(client.clone());
+
+    // Node-dependent settings (primary node-port addresses, NodeCIDR detection) need the
+    // Node object first, as upstream waits for it.
+    let needs_node = s.detect_local_mode == DetectLocalMode::NodeCidr
+        || s.node_port_addresses.contains(&NodePortAddress::Primary);
+    let initial_node = if needs_node {
+        wait_for_node(
+            &watchers,
+            &node_name,
+            s.detect_local_mode == DetectLocalMode::NodeCidr,
+        )
+        .await
+    } else {
+        Node::default()
+    };
+    let ipt_cfg = iptables_config(&s, family, &initial_node);
+    if ipt_cfg.localhost_node_ports_active() {
+        crate::kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
+    }
+    if !ipt_cfg.local_detector.is_implemented() && !s.masquerade_all {
+        tracing::warn!(
+            "no cluster CIDR for local-traffic detection; off-cluster traffic to ClusterIPs is not masqueraded"
+        );
+    }
+    let dataplane: Box<dyn Dataplane> = Box::new(IptablesProxier::new(SystemRunner, ipt_cfg));
+
+    let (shared, wake_rx) = Shared::new(
+        ChangeTracker::new(family, node_name.clone()),
+        metrics.clone(),
+        health.clone(),
+        admin_family(family),
+    );
+    spawn_watchers(&watchers, &shared, &node_name);
+    publish_starting_event(client, &node_name);
+
+    let runner_cfg = RunnerConfig {
+        min_sync_period: s.min_sync_period,
+        sync_period: s.sync_period,
+        full_sync_period: Duration::from_secs(3600),
+    };
+    let loop_shared = shared.clone();
+    let sync_thread = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || run_sync_loop(loop_shared, dataplane, wake_rx, runner_cfg))
+        .context("starting the sync thread")?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; rules are left in place");
+    shared.shutdown();
+    let _ = tokio::task::spawn_blocking(move || sync_thread.join()).await;
+    Ok(())
+}
+
+async fn wait_for_node(watchers: &Watchers, node_name: &str, need_pod_cidrs: bool) -> Node {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        match watchers.nodes.get_opt(node_name).await {
+            Ok(Some(node)) => {
+                let (ips, cidrs) = node_addresses(&node);
+                if !ips.is_empty() && (!need_pod_cidrs || !cidrs.is_empty()) {
+                    return node;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "waiting for own Node object"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::error!(
+                node = node_name,
+                "Node object not ready after 5m; continuing without it"
+            );
+            return Node::default();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn spawn_watchers(watchers: &Watchers, shared: &Arc<Shared>, node_name: &str) {
+    let sh = shared.clone();
+    tokio::spawn(run_watcher(
+        watchers.services.clone(),
+        kp_watch::service_config(),
+        move |ev| {
+            let mut warnings = Vec::new();
+            let changed = match &ev {
+                ObjectEvent::Applied(svc) => {
+                    let Ok(mut t) = sh.tracker.lock() else { return };
+                    match t.update_service(svc, &mut warnings) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(service = %object_name(svc), error = %e, "skipping invalid Service");
+                            false
+                        }
+                    }
+                }
+                ObjectEvent::Deleted { namespace, name } => {
+                    let Ok(mut t) = sh.tracker.lock() else { return };
+                    t.delete_service(namespace.as_deref().unwrap_or_default(), name)
+                }
+                ObjectEvent::Synced => {
+                    sh.services_synced.store(true, Ordering::SeqCst);
+                    sh.poke();
+                    false
+                }
+            };
+            if let ObjectEvent::Applied(svc) = &ev {
+                for w in warnings {
+                    tracing::warn!(service = %object_name(svc), problem = %w, "ignoring part of Service");
+                }
+            }
+            if changed {
+                sh.metrics.record_service_change();
+                if let Ok(t) = sh.tracker.lock() {
+                    sh.metrics
+                        .set_service_changes_pending(t.pending_service_changes() as u64);
+                }
+                sh.queued();
+            }
+        },
+    ));
+
+    let sh = shared.clone();
+    tokio::spawn(run_watcher(
+        watchers.slices.clone(),
+        kp_watch::endpoint_slice_config(),
+        move |ev| {
+            let mut warnings = Vec::new();
+            let changed = match &ev {
+                ObjectEvent::Applied(slice) => {
+                    let Ok(mut t) = sh.tracker.lock() else { return };
+                    match t.update_slice(slice, &mut warnings) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(endpointslice = %object_name(slice), error = %e, "skipping invalid EndpointSlice");
+                            false
+                        }
+                    }
+                }
+                ObjectEvent::Deleted { namespace, name } => {
+                    let Ok(mut t) = sh.tracker.lock() else { return };
+                    t.delete_slice(namespace.as_deref().unwrap_or_default(), name)
+                }
+                ObjectEvent::Synced => {
+                    sh.slices_synced.store(true, Ordering::SeqCst);
+                    sh.poke();
+                    false
+                }
+            };
+            if let ObjectEvent::Applied(slice) = &ev {
+                for w in warnings {
+                    tracing::warn!(endpointslice = %object_name(slice), problem = %w, "ignoring invalid endpoint");
+                }
+            }
+            if changed {
+                sh.metrics.record_endpoint_change();
+                if let Ok(t) = sh.tracker.lock() {
+                    sh.metrics
+                        .set_endpoint_changes_pending(t.pending_endpoint_changes() as u64);
+                }
+                sh.queued();
+            }
+        },
+    ));
+
+    let sh = shared.clone();
+    tokio::spawn(run_watcher(
+        watchers.nodes.clone(),
+        kp_watch::node_config(node_name),
+        move |ev| match ev {
+            ObjectEvent::Applied(node) => {
+                let (ips, cidrs) = node_addresses(&node);
+                let zone = node_zone(&node);
+                let being_deleted = node.metadata.deletion_timestamp.is_some();
+                let taints: Vec<String> = node
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.taints.iter().flatten())
+                    .map(|t| t.key.clone())
+                    .collect();
+                sh.health.set_node_eligible(kp_admin::is_node_eligible(
+                    being_deleted,
+                    taints.iter().map(|s| s.as_str()),
+                ));
+                let Ok(mut n) = sh.node.lock() else { return };
+                if n.topology.zone != zone || n.node_ips != ips || n.pod_cidrs != cidrs {
+                    n.topology.zone = zone;
+                    n.node_ips = ips;
+                    n.pod_cidrs = cidrs;
+                    sh.node_changed.store(true, Ordering::SeqCst);
+                    sh.poke();
+                }
+            }
+            ObjectEvent::Deleted { .. } => sh.health.set_node_eligible(false),
+            ObjectEvent::Synced => {}
+        },
+    ));
+    if let Ok(mut n) = shared.node.lock() {
+        n.topology.node_name = node_name.to_string();
+    }
+}
+
+/// The `Starting` event on our Node, as upstream emits it. Best effort.
+fn publish_starting_event(client: kube::Client, node_name: &str) {
+    let node_name = node_name.to_string();
+    tokio::spawn(async move {
+        let reporter = kube::runtime::events::Reporter {
+            controller: "kube-proxy".into(),
+            instance: Some(node_name.clone()),
+        };
+        let recorder = kube::runtime::events::Recorder::new(client, reporter);
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(node_name.clone()),
+            ..Default::default()
+        };
+        let ev = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Normal,
+            reason: "Starting".into(),
+            note: Some(format!(
+                "kube-proxy-rs {} started",
+                env!("CARGO_PKG_VERSION")
+            )),
+            action: "StartKubeProxy".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, "cannot publish Starting event");
+        }
+    });
+}

@@ -1,0 +1,282 @@
+//! The sync loop: waits for the first full lists, then syncs on changes (no more often
+//! than minSyncPeriod), checks for flushed rules every syncPeriod, and retries failures
+//! with backoff as full syncs. Runs on its own thread: dataplane syncs block on kernel tools.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use kp_admin::{IptablesTable, Metrics, ProxierMetrics, ProxyHealth, SyncKind, TrafficPolicy};
+use kp_dataplane::{Dataplane, NodeInfo, SyncError, SyncInput};
+use kp_model::ChangeTracker;
+
+/// State shared by the watchers and the sync loop.
+pub struct Shared {
+    pub tracker: Mutex<ChangeTracker>,
+    pub node: Mutex<NodeInfo>,
+    pub services_synced: AtomicBool,
+    pub slices_synced: AtomicBool,
+    /// The Node changed in a way that needs a full sync (zone, addresses).
+    pub node_changed: AtomicBool,
+    pub stop: AtomicBool,
+    pub metrics: Metrics,
+    pub proxier_metrics: ProxierMetrics,
+    pub health: ProxyHealth,
+    pub family: kp_admin::IpFamily,
+    wake: SyncSender<()>,
+}
+
+impl Shared {
+    pub fn new(
+        tracker: ChangeTracker,
+        metrics: Metrics,
+        health: ProxyHealth,
+        family: kp_admin::IpFamily,
+    ) -> (Arc<Shared>, Receiver<()>) {
+        let (wake, rx) = std::sync::mpsc::sync_channel(1);
+        let shared = Shared {
+            tracker: Mutex::new(tracker),
+            node: Mutex::new(NodeInfo::default()),
+            services_synced: AtomicBool::new(false),
+            slices_synced: AtomicBool::new(false),
+            node_changed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            proxier_metrics: metrics.proxier(family),
+            metrics,
+            health,
+            family,
+            wake,
+        };
+        (Arc::new(shared), rx)
+    }
+
+    /// Wakes the sync loop; wake-ups coalesce.
+    pub fn poke(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Records that a change is queued (health staleness clock, metrics) and wakes the loop.
+    pub fn queued(&self) {
+        self.health.queued_update(self.family);
+        self.proxier_metrics.set_last_queued_time(SystemTime::now());
+        self.poke();
+    }
+
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.poke();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerConfig {
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    /// Full resync period even without a detected flush (upstream: 1 hour).
+    pub full_sync_period: Duration,
+}
+
+fn backoff(failures: u32, cfg: &RunnerConfig) -> Duration {
+    let base = Duration::from_millis(500) * 2u32.saturating_pow(failures.saturating_sub(1).min(10));
+    base.min(cfg.sync_period.max(Duration::from_secs(1)))
+}
+
+/// Runs until `shared.stop` is set.
+pub fn run_sync_loop(
+    shared: Arc<Shared>,
+    mut dataplane: Box<dyn Dataplane>,
+    wake: Receiver<()>,
+    cfg: RunnerConfig,
+) {
+    while !(shared.services_synced.load(Ordering::SeqCst)
+        && shared.slices_synced.load(Ordering::SeqCst))
+    {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = wake.recv_timeout(Duration::from_millis(200));
+    }
+    tracing::info!("initial Service and EndpointSlice lists complete; programming the dataplane");
+
+    let mut force_full = true;
+    let mut first = true;
+    let mut last_end: Option<Instant> = None;
+    let mut retry_at: Option<Instant> = None;
+    let mut failures = 0u32;
+    let start = Instant::now();
+    let mut next_check = start + cfg.sync_period;
+    let mut next_full = start + cfg.full_sync_period;
+
+    while !shared.stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= next_check {
+            next_check = now + cfg.sync_period;
+            if dataplane.needs_full_sync() {
+                force_full = true;
+            }
+        }
+        if now >= next_full {
+            next_full = now + cfg.full_sync_period;
+            force_full = true;
+        }
+        if shared.node_changed.swap(false, Ordering::SeqCst) {
+            force_full = true;
+        }
+        let has_pending = shared
+            .tracker
+            .lock()
+            .map(|t| t.has_pending())
+            .unwrap_or(false);
+        let pending = first || force_full || has_pending || retry_at.is_some();
+        let mut deadline = next_check.min(next_full);
+        if pending {
+            let mut earliest = last_end.map(|e| e + cfg.min_sync_period).unwrap_or(now);
+            if let Some(r) = retry_at {
+                earliest = earliest.max(r);
+            }
+            if now >= earliest {
+                let ok = sync_once(&shared, dataplane.as_mut(), force_full || first);
+                last_end = Some(Instant::now());
+                first = false;
+                if ok {
+                    failures = 0;
+                    retry_at = None;
+                    force_full = false;
+                } else {
+                    failures += 1;
+                    let delay = backoff(failures, &cfg);
+                    retry_at = Some(Instant::now() + delay);
+                    force_full = true;
+                    tracing::warn!(
+                        retry_in_ms = delay.as_millis() as u64,
+                        failures,
+                        "sync failed; retrying with a full sync"
+                    );
+                }
+                continue;
+            }
+            deadline = deadline.min(earliest);
+            // Coalesce: sleep until the earliest allowed time, ignoring wake-ups.
+            sleep_until(&shared, deadline);
+            continue;
+        }
+        match wake.recv_timeout(deadline.saturating_duration_since(now)) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn sleep_until(shared: &Shared, deadline: Instant) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+    }
+}
+
+/// One sync; returns success.
+fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -> bool {
+    let (state, changes) = {
+        let Ok(mut t) = shared.tracker.lock() else {
+            return false;
+        };
+        let changes = t.drain();
+        (t.state().clone(), changes)
+    };
+    shared.metrics.set_endpoint_changes_pending(0);
+    shared.metrics.set_service_changes_pending(0);
+    let mut node = shared.node.lock().map(|n| n.clone()).unwrap_or_default();
+    node.local_addresses = crate::kernel::local_addresses();
+    let input = SyncInput {
+        state: &state,
+        changes: &changes,
+        node: &node,
+        force_full,
+    };
+    let t0 = Instant::now();
+    let result = dataplane.sync(&input);
+    let elapsed = t0.elapsed();
+    let pm = &shared.proxier_metrics;
+    match result {
+        Ok(report) => {
+            pm.observe_sync(
+                if report.full {
+                    SyncKind::Full
+                } else {
+                    SyncKind::Partial
+                },
+                elapsed,
+            );
+            let now = SystemTime::now();
+            pm.set_last_sync_time(now);
+            for t in &changes.trigger_times {
+                if let Ok(d) = now.duration_since(*t) {
+                    pm.observe_network_programming(d);
+                }
+            }
+            for (table, n) in &report.rules_total {
+                if let Some(t) = table_of(table) {
+                    pm.set_iptables_rules_total(t, *n as u64);
+                }
+            }
+            for (table, n) in &report.rules_written {
+                if let Some(t) = table_of(table) {
+                    pm.set_iptables_rules_last(t, *n as u64);
+                }
+            }
+            pm.set_no_local_endpoints(
+                TrafficPolicy::Internal,
+                report.no_local_endpoints_internal as u64,
+            );
+            pm.set_no_local_endpoints(
+                TrafficPolicy::External,
+                report.no_local_endpoints_external as u64,
+            );
+            shared.health.updated(shared.family);
+            tracing::info!(
+                full = report.full,
+                services = state.services.len(),
+                endpoints = state.endpoint_count(),
+                changed_services = changes.services.len(),
+                nat_rules = report.rules_total.get("nat").copied().unwrap_or(0),
+                rules_written = report.rules_written.values().sum::<usize>(),
+                bytes = report.bytes_written,
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "synced proxy rules"
+            );
+            true
+        }
+        Err(e) => {
+            pm.record_iptables_restore_failure();
+            if !force_full {
+                pm.record_iptables_partial_restore_failure();
+            }
+            match &e {
+                SyncError::Apply {
+                    tool,
+                    message,
+                    line,
+                } => tracing::error!(
+                    tool,
+                    error = %message,
+                    line = line.as_deref().unwrap_or(""),
+                    "failed to apply proxy rules"
+                ),
+                other => tracing::error!(error = %other, "failed to apply proxy rules"),
+            }
+            false
+        }
+    }
+}
+
+fn table_of(name: &str) -> Option<IptablesTable> {
+    match name {
+        "filter" => Some(IptablesTable::Filter),
+        "nat" => Some(IptablesTable::Nat),
+        _ => None,
+    }
+}
