@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod emulator;
+pub mod lab;
 pub mod netns;
 pub mod podserver;
 pub mod probe;

@@ -1,0 +1,449 @@
+//! End-to-end, real kernel: the kube-proxy-rs binary in a node namespace, watching the API
+//! emulator, programming iptables; real connections from other namespaces.
+//!
+//! Needs root (network namespaces, iptables). Every test builds its own lab.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use kp_testkit::lab::{Lab, http_get, localhost, wait_for};
+use kp_testkit::probe::{ProbeError, probe_tcp, probe_udp, tcp_connect_once};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
+const REDIS: &str = include_str!("../../../examples/redis.yaml");
+const T: Duration = Duration::from_secs(2);
+
+fn lab_with_proxy(manifest: &str, extra: &[&str]) -> Lab {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root (network namespaces, iptables)"
+    );
+    let mut lab = Lab::new(1).expect("lab");
+    if !manifest.is_empty() {
+        lab.cluster.apply_manifest(manifest).expect("manifest");
+    }
+    lab.start_proxy(std::path::Path::new(BIN), 1, extra)
+        .expect("start proxy");
+    lab
+}
+
+fn svc_addr(lab: &Lab, ns: &str, name: &str, port: u16) -> SocketAddr {
+    let svc = lab
+        .emulator
+        .get("v1", "Service", Some(ns), name)
+        .expect("service exists");
+    let ip: IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    SocketAddr::new(ip, port)
+}
+
+/// Waits until a TCP connection from `ns` to `target` is answered by one of `pods`.
+fn wait_serving(lab: &Lab, ns: &str, target: SocketAddr, timeout: Duration) {
+    let ok = wait_for(timeout, || tcp_connect_once(ns, target, T).ok());
+    assert!(
+        ok.is_some(),
+        "{target} never answered from {ns}; proxy log:\n{}",
+        lab.proxy_log(1)
+    );
+}
+
+fn pods_of(lab: &Lab, app_prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = lab
+        .cluster
+        .pods()
+        .into_iter()
+        .filter(|p| p.name.starts_with(app_prefix))
+        .map(|p| p.name)
+        .collect();
+    v.sort();
+    v
+}
+
+fn strip_counters(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.find(" [") {
+            Some(i) if l.starts_with(':') => l[..i].to_string(),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn redis_walkthrough_reaches_both_pods() {
+    let lab = lab_with_proxy(REDIS, &[]);
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    let node = lab.node_ns(1);
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    let pods = pods_of(&lab, "redis-");
+    assert_eq!(pods.len(), 2);
+
+    for (from, what) in [
+        (&ext, "external client (PREROUTING)"),
+        (&node, "node itself (OUTPUT)"),
+    ] {
+        let r = probe_tcp(from, target, 100, T).unwrap();
+        assert_eq!(r.total_ok(), 100, "{what}: {r}");
+        for p in &pods {
+            let share = r.share(p);
+            assert!(
+                (0.3..=0.7).contains(&share),
+                "{what}: {p} got {share:.2} of 100: {r}"
+            );
+        }
+    }
+    // Off-cluster traffic is masqueraded (source outside 10.244.0.0/16): pods see the node.
+    let r = probe_tcp(&ext, target, 10, T).unwrap();
+    assert!(
+        r.sources_seen.keys().all(|s| s.starts_with("10.244.")),
+        "masqueraded to the bridge IP: {r}"
+    );
+
+    // The rules have upstream's names and shapes.
+    let nat = lab.iptables_save(1, "nat").unwrap();
+    let svc_chain = "KUBE-SVC-"; // hash checked in unit tests; here the path
+    assert!(
+        nat.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ),
+        "{nat}"
+    );
+    assert!(
+        nat.contains(
+            "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ),
+        "{nat}"
+    );
+    let jump = nat
+        .lines()
+        .find(|l| l.contains("default/redis:redis cluster IP") && l.starts_with("-A KUBE-SERVICES"))
+        .expect("KUBE-SERVICES rule");
+    assert!(
+        jump.contains(svc_chain) && jump.contains(&format!("-d {}/32", target.ip())),
+        "{jump}"
+    );
+    assert_eq!(
+        nat.lines().filter(|l| l.contains("-j DNAT")).count(),
+        2,
+        "{nat}"
+    );
+    assert!(nat.contains("--probability 0.50000000000"), "{nat}");
+
+    // Admin endpoints.
+    let (code, body) = http_get(&node, localhost(10249), "/proxyMode").unwrap();
+    assert_eq!((code, body.trim()), (200, "iptables"));
+    let (code, metrics) = http_get(&node, localhost(10249), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_iptables_total",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    let (code, health) = http_get(&node, localhost(10256), "/healthz").unwrap();
+    assert_eq!(code, 200, "{health}");
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert!(
+        health["lastUpdated"].is_string() && health["currentTime"].is_string(),
+        "{health}"
+    );
+    let (code, _) = http_get(&node, localhost(10256), "/livez").unwrap();
+    assert_eq!(code, 200);
+    let (code, configz) = http_get(&node, localhost(10249), "/configz").unwrap();
+    assert_eq!(code, 200);
+    assert!(configz.contains("kubeproxy.config.k8s.io"), "{configz}");
+}
+
+#[test]
+fn nodeport_from_external_client_and_udp() {
+    let manifest = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: dns, namespace: kube-system}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: dns}}
+  template:
+    metadata: {labels: {app: dns}}
+    spec:
+      containers:
+        - name: dns
+          ports:
+            - {name: dns, containerPort: 5353, protocol: UDP}
+            - {name: web, containerPort: 8080, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec:
+  type: NodePort
+  selector: {app: dns}
+  ports:
+    - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+    - {name: web, port: 80, targetPort: web, nodePort: 30080, protocol: TCP}
+"#;
+    let lab = lab_with_proxy(manifest, &[]);
+    let ext = lab.topology().ext().ns.clone();
+    let node_ip = lab.topology().node(1).unwrap().ip;
+    let nodeport = SocketAddr::new(node_ip, 30080);
+    wait_serving(&lab, &ext, nodeport, Duration::from_secs(20));
+    let r = probe_tcp(&ext, nodeport, 60, T).unwrap();
+    assert_eq!(r.total_ok(), 60, "{r}");
+    assert_eq!(r.answers.len(), 2, "both pods answer the NodePort: {r}");
+
+    let dns = svc_addr(&lab, "kube-system", "dns", 53);
+    let r = probe_udp(&ext, dns, 60, T).unwrap();
+    assert_eq!(r.total_ok(), 60, "{r}");
+    assert_eq!(r.answers.len(), 2, "both pods answer UDP: {r}");
+}
+
+#[test]
+fn service_without_endpoints_is_refused_at_once() {
+    let manifest = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lonely, namespace: default}
+spec:
+  selector: {app: nothing-matches}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+    let lab = lab_with_proxy(manifest, &[]);
+    let target = svc_addr(&lab, "default", "lonely", 80);
+    let ext = lab.topology().ext().ns.clone();
+    let refused = wait_for(Duration::from_secs(20), || {
+        match tcp_connect_once(&ext, target, T) {
+            Err(ProbeError::Refused) => Some(()),
+            _ => None,
+        }
+    });
+    assert!(
+        refused.is_some(),
+        "never refused; log:\n{}",
+        lab.proxy_log(1)
+    );
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let res = tcp_connect_once(&ext, target, T);
+        let took = t0.elapsed();
+        assert!(matches!(res, Err(ProbeError::Refused)), "{res:?}");
+        assert!(took < Duration::from_millis(100), "refusal took {took:?}");
+    }
+}
+
+#[test]
+fn scaling_is_followed_and_bursts_coalesce() {
+    let lab = lab_with_proxy(REDIS, &[]);
+    let mut lab = lab;
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    for replicas in [3usize, 1] {
+        lab.cluster
+            .scale("default", "redis", replicas as u32)
+            .unwrap();
+        let want = pods_of(&lab, "redis-");
+        assert_eq!(want.len(), replicas);
+        let seen = wait_for(Duration::from_secs(15), || {
+            let r = probe_tcp(&ext, target, 30, T).ok()?;
+            let got: Vec<String> = r.answers.keys().cloned().collect();
+            (r.total_ok() == 30 && got == want).then_some(got)
+        });
+        assert!(
+            seen.is_some(),
+            "answers never matched {want:?}; log:\n{}",
+            lab.proxy_log(1)
+        );
+    }
+
+    // A burst of 40 endpoint changes causes few syncs (min-sync-period 1s coalesces).
+    let node = lab.node_ns(1);
+    let syncs = |lab: &Lab| -> u64 {
+        let (_, m) = http_get(&lab.node_ns(1), localhost(10249), "/metrics").unwrap();
+        m.lines()
+            .find(|l| l.starts_with("kubeproxy_sync_proxy_rules_duration_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let _ = node;
+    let before = syncs(&lab);
+    let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "burst", "namespace": "default"},
+        "spec": {"ports": [{"port": 80}]}});
+    lab.emulator.apply(svc).unwrap();
+    let t0 = Instant::now();
+    for i in 0..40 {
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "burst-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "burst"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [format!("10.250.0.{}", i + 1)], "conditions": {"ready": true}}],
+            "ports": [{"port": 80, "protocol": "TCP"}]});
+        lab.emulator.apply(slice).unwrap();
+    }
+    let burst_time = t0.elapsed();
+    let applied = wait_for(Duration::from_secs(10), || {
+        lab.iptables_save(1, "nat")
+            .ok()
+            .filter(|n| n.contains("--to-destination 10.250.0.40:80"))
+    });
+    assert!(applied.is_some(), "last change of the burst never applied");
+    let after = syncs(&lab);
+    let allowed = 3 + burst_time.as_secs();
+    assert!(
+        after - before <= allowed,
+        "{} syncs for a burst of 41 changes in {burst_time:?}",
+        after - before
+    );
+}
+
+#[test]
+fn deleted_service_leaves_no_rules() {
+    let mut lab = lab_with_proxy(REDIS, &[]);
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    lab.cluster
+        .delete_object("v1", "Service", Some("default"), "redis")
+        .unwrap();
+    let ip = target.ip().to_string();
+    let gone = wait_for(Duration::from_secs(15), || {
+        let nat = lab.iptables_save(1, "nat").ok()?;
+        let filter = lab.iptables_save(1, "filter").ok()?;
+        let clean = !nat.contains(&ip)
+            && !filter.contains(&ip)
+            && !nat.contains("KUBE-SVC-")
+            && !nat.contains("KUBE-SEP-");
+        clean.then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "rules remain:\n{}",
+        lab.iptables_save(1, "nat").unwrap()
+    );
+    assert!(tcp_connect_once(&ext, target, Duration::from_millis(500)).is_err());
+}
+
+#[test]
+fn client_ip_affinity_keeps_one_client_on_one_pod() {
+    let manifest = REDIS.replace(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  sessionAffinity: ClientIP\n",
+    );
+    let lab = lab_with_proxy(&manifest, &[]);
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    let r = probe_tcp(&ext, target, 50, T).unwrap();
+    assert_eq!(r.total_ok(), 50, "{r}");
+    assert_eq!(r.answers.len(), 1, "one client, one pod: {r}");
+    let nat = lab.iptables_save(1, "nat").unwrap();
+    assert!(nat.contains("--rcheck --seconds 10800 --reap"), "{nat}");
+}
+
+#[test]
+fn dropped_watches_and_410_change_nothing_and_later_changes_apply() {
+    let mut lab = lab_with_proxy(REDIS, &[]);
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    let before = strip_counters(&lab.iptables_save(1, "nat").unwrap());
+
+    let dropped = lab.emulator.drop_watches();
+    assert!(dropped >= 2, "the proxy had watches open ({dropped})");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        strip_counters(&lab.iptables_save(1, "nat").unwrap()),
+        before,
+        "rules changed after a dropped watch"
+    );
+    let r = probe_tcp(&ext, target, 20, T).unwrap();
+    assert_eq!(r.total_ok(), 20, "{r}");
+
+    // History compacted: resuming watches get 410 Gone and relist; still nothing changes.
+    lab.emulator.compact();
+    lab.emulator.drop_watches();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        strip_counters(&lab.iptables_save(1, "nat").unwrap()),
+        before,
+        "rules changed after 410 Gone"
+    );
+
+    // The next change is still applied.
+    lab.cluster.scale("default", "redis", 3).unwrap();
+    let want = pods_of(&lab, "redis-");
+    let seen = wait_for(Duration::from_secs(15), || {
+        let r = probe_tcp(&ext, target, 30, T).ok()?;
+        (r.answers.len() == 3).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "scale to {want:?} not applied after watch faults; log:\n{}",
+        lab.proxy_log(1)
+    );
+}
+
+#[test]
+fn cleanup_restores_the_tables_as_they_were() {
+    assert!(nix::unistd::geteuid().is_root());
+    let mut lab = Lab::new(1).unwrap();
+    let node = lab.node_ns(1);
+    // Someone else's rules (a CNI's), which must survive.
+    for args in [
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "!",
+            "-d",
+            "10.244.0.0/16",
+            "-j",
+            "MASQUERADE",
+        ][..],
+        &[
+            "iptables", "-t", "filter", "-A", "FORWARD", "-i", "cbr0", "-j", "ACCEPT",
+        ][..],
+    ] {
+        lab.topology().exec_ok(&node, args).unwrap();
+    }
+    let nat_before = strip_counters(&lab.iptables_save(1, "nat").unwrap());
+    let filter_before = strip_counters(&lab.iptables_save(1, "filter").unwrap());
+    lab.cluster.apply_manifest(REDIS).unwrap();
+    lab.start_proxy(std::path::Path::new(BIN), 1, &[]).unwrap();
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    wait_serving(
+        &lab,
+        &lab.topology().ext().ns.clone(),
+        target,
+        Duration::from_secs(20),
+    );
+    lab.stop_proxy(1, false);
+    // Stopping does not remove rules.
+    assert!(
+        lab.iptables_save(1, "nat")
+            .unwrap()
+            .contains("KUBE-SERVICES")
+    );
+    let out = lab.topology().exec(&node, &[BIN, "--cleanup"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        strip_counters(&lab.iptables_save(1, "nat").unwrap()),
+        nat_before
+    );
+    assert_eq!(
+        strip_counters(&lab.iptables_save(1, "filter").unwrap()),
+        filter_before
+    );
+}
