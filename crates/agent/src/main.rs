@@ -79,6 +79,21 @@ fn main() -> ExitCode {
     if loaded.cleanup {
         return cleanup(&loaded.settings);
     }
+    if let Some(adj) = loaded.settings.oom_score_adj
+        && let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+    {
+        tracing::warn!(error = %e, "cannot set oom_score_adj");
+    }
+    if loaded.init_only {
+        // Privileged set-up only, so the main container can run with fewer capabilities.
+        kernel::apply_conntrack(&loaded.settings.conntrack);
+        let cfg = daemon::iptables_config(&loaded.settings, kp_model::IpFamily::V4, &Default::default());
+        if cfg.localhost_node_ports_active() {
+            kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
+        }
+        tracing::info!("--init-only: initialisation done");
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
