@@ -87,7 +87,11 @@ fn main() -> ExitCode {
     if loaded.init_only {
         // Privileged set-up only, so the main container can run with fewer capabilities.
         kernel::apply_conntrack(&loaded.settings.conntrack);
-        let cfg = daemon::iptables_config(&loaded.settings, kp_model::IpFamily::V4, &Default::default());
+        let cfg = daemon::iptables_config(
+            &loaded.settings,
+            kp_model::IpFamily::V4,
+            &Default::default(),
+        );
         if cfg.localhost_node_ports_active() {
             kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
         }

@@ -18,7 +18,10 @@ use kp_testkit::probe::{ProbeReport, probe_tcp, probe_udp};
 const DEFAULT_MANIFEST: &str = include_str!("../../../examples/redis.yaml");
 
 #[derive(Parser, Debug)]
-#[command(name = "kube-proxy-rs sandbox", about = "Run the Service walk-through in throwaway namespaces")]
+#[command(
+    name = "kube-proxy-rs sandbox",
+    about = "Run the Service walk-through in throwaway namespaces"
+)]
 struct Args {
     /// Manifest to apply (Deployments, Services, EndpointSlices); default: the redis example.
     manifest: Option<std::path::PathBuf>,
@@ -42,8 +45,10 @@ struct PortTarget {
 }
 
 pub fn main(args: &[OsString]) -> anyhow::Result<()> {
-    let args = Args::try_parse_from(std::iter::once(OsString::from("sandbox")).chain(args.iter().cloned()))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let args = Args::try_parse_from(
+        std::iter::once(OsString::from("sandbox")).chain(args.iter().cloned()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     if !nix::unistd::geteuid().is_root() {
         bail!("the sandbox creates network namespaces and loads iptables rules: run it as root");
     }
@@ -52,7 +57,10 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
             p.display().to_string(),
         ),
-        None => (DEFAULT_MANIFEST.to_string(), "examples/redis.yaml (built in)".to_string()),
+        None => (
+            DEFAULT_MANIFEST.to_string(),
+            "examples/redis.yaml (built in)".to_string(),
+        ),
     };
     let binary = std::env::current_exe().context("locating this binary")?;
 
@@ -65,10 +73,16 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
         lab.topology().ext().ns,
         kp_testkit::lab::API_PORT
     );
-    let applied = lab.cluster.apply_manifest(&manifest).context("applying the manifest")?;
+    let applied = lab
+        .cluster
+        .apply_manifest(&manifest)
+        .context("applying the manifest")?;
     println!("applied {} object(s) from {source}", applied.len());
     for pod in lab.cluster.pods() {
-        println!("  pod {}/{} ip {} on {}", pod.namespace, pod.name, pod.ip, pod.node);
+        println!(
+            "  pod {}/{} ip {} on {}",
+            pod.namespace, pod.name, pod.ip, pod.node
+        );
     }
 
     let extra: Vec<&str> = args.proxy_args.iter().map(|s| s.as_str()).collect();
@@ -82,18 +96,28 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
             .map(|_| ())
     });
     if synced.is_none() {
-        bail!("the proxy did not sync within 30s; its log:\n{}", lab.proxy_log(1));
+        bail!(
+            "the proxy did not sync within 30s; its log:\n{}",
+            lab.proxy_log(1)
+        );
     }
     let ready_in = t0.elapsed();
 
     let nat = lab.iptables_save(1, "nat")?;
     println!("\n== rules programmed in node1 (nat table, service paths) ==");
     print_paths(&nat);
-    if let Some(line) = lab.proxy_log(1).lines().find(|l| l.contains("synced proxy rules")) {
+    if let Some(line) = lab
+        .proxy_log(1)
+        .lines()
+        .find(|l| l.contains("synced proxy rules"))
+    {
         println!("\nfirst sync: {}", summarize_sync_line(line));
     }
 
-    println!("\n== traffic from the external client ({} connections per port) ==", args.connections);
+    println!(
+        "\n== traffic from the external client ({} connections per port) ==",
+        args.connections
+    );
     let ext = lab.topology().ext().ns.clone();
     let node_ip = lab.topology().node(1)?.ip;
     let targets = targets(&lab, node_ip);
@@ -122,7 +146,10 @@ fn targets(lab: &Lab, node_ip: IpAddr) -> Vec<PortTarget> {
         if ns == "default" && name == "kubernetes" {
             continue;
         }
-        let Some(ip) = svc["spec"]["clusterIP"].as_str().and_then(|s| s.parse::<IpAddr>().ok()) else {
+        let Some(ip) = svc["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|s| s.parse::<IpAddr>().ok())
+        else {
             continue;
         };
         for p in svc["spec"]["ports"].as_array().into_iter().flatten() {
@@ -160,11 +187,21 @@ fn measure(ns: &str, t: &PortTarget, n: usize) -> anyhow::Result<ProbeReport> {
 }
 
 fn print_report(t: &PortTarget, r: &ProbeReport) {
-    let port = if t.port_name.is_empty() { String::new() } else { format!(":{}", t.port_name) };
-    println!("{}{} {} {} {}:", t.service, port, t.kind, t.protocol, t.addr);
+    let port = if t.port_name.is_empty() {
+        String::new()
+    } else {
+        format!(":{}", t.port_name)
+    };
+    println!(
+        "{}{} {} {} {}:",
+        t.service, port, t.kind, t.protocol, t.addr
+    );
     let total = r.total_ok().max(1);
     for (pod, count) in &r.answers {
-        println!("  {pod:<32} {count:>5}  {:>5.1}%", 100.0 * *count as f64 / total as f64);
+        println!(
+            "  {pod:<32} {count:>5}  {:>5.1}%",
+            100.0 * *count as f64 / total as f64
+        );
     }
     if r.total_failed() > 0 {
         println!(
@@ -177,7 +214,11 @@ fn print_report(t: &PortTarget, r: &ProbeReport) {
         );
     }
     if let (Some(p50), Some(p99)) = (r.latency_quantile(0.5), r.latency_quantile(0.99)) {
-        println!("  connect latency p50 {:.0}us p99 {:.0}us", p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
+        println!(
+            "  connect latency p50 {:.0}us p99 {:.0}us",
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
+        );
     }
 }
 
@@ -220,16 +261,32 @@ fn jump_target(line: &str) -> Option<&str> {
 }
 
 fn is_service_chain(c: &str) -> bool {
-    ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"].iter().any(|p| c.starts_with(p))
+    [
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-FW-",
+        "KUBE-SEP-",
+    ]
+    .iter()
+    .any(|p| c.starts_with(p))
 }
 
 fn summarize_sync_line(line: &str) -> String {
     let fields: Vec<&str> = line
         .split_whitespace()
         .filter(|w| {
-            ["full=", "services=", "endpoints=", "nat_rules=", "rules_written=", "bytes=", "elapsed_ms="]
-                .iter()
-                .any(|p| w.starts_with(p))
+            [
+                "full=",
+                "services=",
+                "endpoints=",
+                "nat_rules=",
+                "rules_written=",
+                "bytes=",
+                "elapsed_ms=",
+            ]
+            .iter()
+            .any(|p| w.starts_with(p))
         })
         .collect();
     fields.join(" ")

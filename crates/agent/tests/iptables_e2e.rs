@@ -447,3 +447,121 @@ fn cleanup_restores_the_tables_as_they_were() {
         filter_before
     );
 }
+
+fn metric(lab: &Lab, name: &str) -> f64 {
+    let (_, m) = http_get(&lab.node_ns(1), localhost(10249), "/metrics").unwrap();
+    m.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.len() == name.len() || matches!(l.as_bytes()[name.len()], b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn flushed_rules_are_restored_within_sync_period() {
+    let lab = lab_with_proxy(REDIS, &["--iptables-sync-period=1s"]);
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    let node = lab.node_ns(1);
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    for flush in [
+        &["iptables", "-t", "nat", "-F"][..],
+        &["iptables", "-t", "nat", "-X"][..],
+        &["nft", "flush", "ruleset"][..],
+    ] {
+        if flush[1] == "-t" && flush[3] == "-X" {
+            // -X needs empty, unreferenced chains: flush first.
+            lab.topology()
+                .exec_ok(&node, &["iptables", "-t", "nat", "-F"])
+                .unwrap();
+        }
+        lab.topology().exec_ok(&node, flush).unwrap();
+        assert!(
+            tcp_connect_once(&ext, target, Duration::from_millis(300)).is_err(),
+            "{flush:?} broke the service"
+        );
+        let t0 = Instant::now();
+        wait_serving(&lab, &ext, target, Duration::from_secs(10));
+        eprintln!("{flush:?}: restored in {:?}", t0.elapsed());
+    }
+    assert!(lab.proxy_log(1).contains("forcing a full sync"));
+}
+
+#[test]
+fn failing_iptables_restore_is_logged_counted_retried() {
+    assert!(nix::unistd::geteuid().is_root());
+    let mut lab = Lab::new(1).unwrap();
+    lab.cluster.apply_manifest(REDIS).unwrap();
+    // A wrapper that fails while a marker file exists.
+    let bin = lab.workdir().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let marker = lab.workdir().join("fail-restore");
+    let real = ["/usr/sbin/iptables-restore", "/sbin/iptables-restore"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap();
+    let script = format!(
+        "#!/bin/sh\nif [ -e {m} ]; then cat >/dev/null; echo 'iptables-restore: line 2 failed' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+        m = marker.display()
+    );
+    let wrapper = bin.join("iptables-restore");
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    lab.proxy_env.push(("PATH".into(), path));
+    lab.start_proxy(std::path::Path::new(BIN), 1, &[]).unwrap();
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+
+    std::fs::write(&marker, "").unwrap();
+    lab.cluster.scale("default", "redis", 3).unwrap();
+    let failed = wait_for(Duration::from_secs(10), || {
+        (metric(
+            &lab,
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        ) >= 2.0)
+            .then_some(())
+    });
+    assert!(
+        failed.is_some(),
+        "failures not counted; log:\n{}",
+        lab.proxy_log(1)
+    );
+    assert!(
+        metric(
+            &lab,
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total"
+        ) >= 1.0
+    );
+    let log = lab.proxy_log(1);
+    assert!(
+        log.contains("failed to apply proxy rules") && log.contains("line 2 failed"),
+        "{log}"
+    );
+    assert!(log.contains("retrying with a full sync"), "{log}");
+    // The old rules still serve the two original pods.
+    let r = probe_tcp(&ext, target, 20, T).unwrap();
+    assert_eq!(r.total_ok(), 20, "{r}");
+
+    std::fs::remove_file(&marker).unwrap();
+    let healed = wait_for(Duration::from_secs(15), || {
+        let r = probe_tcp(&ext, target, 30, T).ok()?;
+        (r.answers.len() == 3).then_some(())
+    });
+    assert!(
+        healed.is_some(),
+        "change not applied after the failure cleared; log:\n{}",
+        lab.proxy_log(1)
+    );
+}

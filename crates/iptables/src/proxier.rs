@@ -330,6 +330,9 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
     }
 
     fn needs_full_sync(&mut self) -> bool {
+        if self.needs_full {
+            return true;
+        }
         for table in ["mangle", "nat", "filter"] {
             match self.ipt(&["-w", "5", "-t", table, "-S", CANARY]) {
                 Ok(out) if out.success() => {}
@@ -343,7 +346,25 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
                 }
             }
         }
-        self.needs_full
+        // `iptables -F` keeps the (empty) canary chains but drops our jumps: check the
+        // two that carry all service traffic, which upstream's canary alone misses.
+        for j in JUMPS
+            .iter()
+            .filter(|j| j.0 == "nat" && j.1 == KUBE_SERVICES)
+        {
+            let args = jump_args(j);
+            let mut check: Vec<&str> = vec!["-w", "5", "-t", j.0, "-C", j.2];
+            check.extend(args.iter().map(|s| s.as_str()));
+            if !self.ipt(&check).is_ok_and(|o| o.success()) {
+                tracing::warn!(
+                    chain = j.2,
+                    "jump to KUBE-SERVICES missing: rules were flushed, forcing a full sync"
+                );
+                self.needs_full = true;
+                return true;
+            }
+        }
+        false
     }
 
     fn cleanup(&mut self) -> Result<(), SyncError> {
@@ -427,5 +448,146 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
         self.known_chains.clear();
         self.needs_full = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kp_dataplane::{
+        CommandOutput, LocalDetector, NodeInfo, NodePortAddresses, RecordingRunner,
+    };
+    use kp_model::{ChangeSet, ChangeTracker, ProxyState};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn cfg() -> IptablesConfig {
+        IptablesConfig {
+            family: IpFamily::V4,
+            masquerade_bit: 14,
+            masquerade_all: false,
+            local_detector: LocalDetector::None,
+            node_port_addresses: NodePortAddresses::default(),
+            localhost_node_ports: false,
+            tcp_be_liberal: false,
+            random_fully: true,
+        }
+    }
+
+    fn state_with_service() -> (ProxyState, ChangeSet) {
+        let mut t = ChangeTracker::new(IpFamily::V4, "n");
+        let svc = serde_json::json!({"metadata": {"namespace": "a", "name": "s"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}});
+        t.update_service(&serde_json::from_value(svc).unwrap(), &mut vec![])
+            .unwrap();
+        let c = t.drain();
+        (t.state().clone(), c)
+    }
+
+    #[test]
+    fn failed_restore_is_reported_with_its_line_and_forces_a_full_sync() {
+        let restores = Arc::new(AtomicUsize::new(0));
+        let r2 = restores.clone();
+        let runner = RecordingRunner::new(move |call| {
+            if call.program == "iptables-restore" && r2.fetch_add(1, Ordering::SeqCst) == 1 {
+                return CommandOutput {
+                    status: 1,
+                    stdout: String::new(),
+                    stderr: "iptables-restore: line 3 failed\n".into(),
+                };
+            }
+            CommandOutput::default()
+        });
+        let mut p = IptablesProxier::new(runner.clone(), cfg());
+        let (state, changes) = state_with_service();
+        let node = NodeInfo::default();
+        let input = SyncInput {
+            state: &state,
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        };
+        // First sync is full: jumps are ensured, the table is listed once.
+        let r = p.sync(&input).unwrap();
+        assert!(r.full);
+        assert!(runner.calls().iter().any(|c| c.program == "iptables-save"));
+        runner.clear();
+        // Second sync (partial) fails: error names the line; no partial state remembered.
+        let err = p.sync(&input).unwrap_err();
+        match err {
+            SyncError::Apply { tool, line, .. } => {
+                assert_eq!(tool, "iptables-restore");
+                assert_eq!(line.as_deref(), Some(":KUBE-SERVICES - [0:0]"));
+            }
+            other => panic!("{other}"),
+        }
+        assert!(
+            !runner.calls().iter().any(|c| c.program == "iptables-save"),
+            "partial sync must not list the table"
+        );
+        runner.clear();
+        // Third sync is full again.
+        let r = p.sync(&input).unwrap();
+        assert!(r.full);
+        assert!(runner.calls().iter().any(|c| c.program == "iptables-save"));
+    }
+
+    #[test]
+    fn one_restore_per_sync_with_noflush_and_wait_flags() {
+        let runner = RecordingRunner::default();
+        let mut p = IptablesProxier::new(runner.clone(), cfg());
+        let (state, changes) = state_with_service();
+        let node = NodeInfo::default();
+        p.sync(&SyncInput {
+            state: &state,
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
+        runner.clear();
+        p.sync(&SyncInput {
+            state: &state,
+            changes: &ChangeSet::default(),
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
+        let calls = runner.calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].program, "iptables-restore");
+        assert_eq!(
+            calls[0].args,
+            ["-w", "5", "-W", "100000", "--noflush", "--counters"]
+        );
+    }
+
+    #[test]
+    fn missing_canary_forces_full_sync() {
+        let runner = RecordingRunner::new(|call| {
+            if call.args.iter().any(|a| a == "-S")
+                && call.args.iter().any(|a| a == "nat")
+                && !call.args.iter().any(|a| a == "-N")
+            {
+                CommandOutput {
+                    status: 1,
+                    stdout: String::new(),
+                    stderr: "No chain/target/match by that name.".into(),
+                }
+            } else {
+                CommandOutput::default()
+            }
+        });
+        let mut p = IptablesProxier::new(runner, cfg());
+        let (state, changes) = state_with_service();
+        let node = NodeInfo::default();
+        p.sync(&SyncInput {
+            state: &state,
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
+        assert!(p.needs_full_sync());
     }
 }

@@ -48,6 +48,8 @@ pub struct Lab {
     proxies: Vec<ProxyProcess>,
     pub cluster: MiniCluster,
     pub emulator: Arc<Emulator>,
+    /// Extra environment for proxies started from now on (e.g. a PATH with fake tools).
+    pub proxy_env: Vec<(String, String)>,
     workdir: tempfile::TempDir,
 }
 
@@ -74,6 +76,7 @@ impl Lab {
             proxies: Vec::new(),
             cluster,
             emulator,
+            proxy_env: Vec::new(),
             workdir: tempfile::tempdir()?,
         })
     }
@@ -121,6 +124,7 @@ impl Lab {
         let mut cmd = Command::new(binary);
         cmd.args(&args)
             .env("KUBE_PROXY_RS_LOG", "info")
+            .envs(self.proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(logfile.try_clone()?)
             .stderr(logfile);
