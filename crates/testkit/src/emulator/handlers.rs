@@ -15,6 +15,7 @@ use super::selectors::{FieldSelector, LabelSelector, Selectors};
 use super::server::{Shared, error_response, json_response};
 use super::status::ApiError;
 use super::store::{ObjectKey, UpdateScope};
+use super::table::TableRequest;
 use super::watch;
 
 /// A parsed resource URL: `/api/v1/namespaces/ns/services/name/status` and friends.
@@ -115,31 +116,68 @@ fn object_key(target: &ResourcePath) -> Result<ObjectKey, ApiError> {
     })
 }
 
+/// The parts of an HTTP request the verbs need.
+pub struct ApiRequest<'a> {
+    pub method: &'a Method,
+    pub query: &'a HashMap<String, String>,
+    pub content_type: &'a str,
+    pub accept: &'a str,
+    pub body: &'a [u8],
+}
+
 /// Routes one resource request to its verb.
 pub fn dispatch(
     shared: &Arc<Shared>,
-    method: &Method,
     target: ResourcePath,
-    query: &HashMap<String, String>,
-    content_type: &str,
-    body: &[u8],
+    request: &ApiRequest<'_>,
 ) -> Response<Body> {
+    let (method, query, body) = (request.method, request.query, request.body);
+    let table = TableRequest::from_accept(
+        request.accept,
+        query.get("includeObject").map(String::as_str),
+    )
+    .filter(|_| *method == Method::GET && target.subresource.is_none());
     if *method == Method::GET && target.name.is_none() && is_true(query, "watch") {
-        return match watch::start_watch(shared, &target, query) {
+        return match watch::start_watch(shared, &target, query, table) {
             Ok(response) => response,
             Err(error) => error_response(&error),
         };
     }
+    let kind = resources::resource(target.resource).kind;
+    if *method != Method::GET && query.get("dryRun").is_some_and(|d| !d.is_empty()) {
+        // Better refused than silently persisted: the store has no dry-run mode.
+        return error_response(&ApiError::bad_request(
+            "dryRun is not supported by the emulator",
+        ));
+    }
     let result = match (method.clone(), target.name.is_some()) {
-        (Method::GET, false) => list(shared, &target, query).map(|v| (200, v)),
-        (Method::GET, true) => get(shared, &target).map(|v| (200, v)),
+        (Method::GET, false) => list(shared, &target, query).map(|list| match &table {
+            Some(table) => {
+                let items = list["items"].as_array().cloned().unwrap_or_default();
+                (200, table.render(kind, &items, list["metadata"].clone()))
+            }
+            None => (200, list),
+        }),
+        (Method::GET, true) => get(shared, &target).map(|object| match &table {
+            Some(table) => {
+                let metadata =
+                    json!({"resourceVersion": object.pointer("/metadata/resourceVersion")});
+                (
+                    200,
+                    table.render(kind, std::slice::from_ref(&object), metadata),
+                )
+            }
+            None => (200, object),
+        }),
         (Method::POST, false) => parse_body(body)
             .and_then(|obj| create(shared, &target, obj))
             .map(|v| (201, v)),
         (Method::PUT, true) => parse_body(body)
             .and_then(|obj| update(shared, &target, obj))
             .map(|v| (200, v)),
-        (Method::PATCH, true) => patch(shared, &target, content_type, body).map(|v| (200, v)),
+        (Method::PATCH, true) => {
+            patch(shared, &target, request.content_type, body).map(|v| (200, v))
+        }
         (Method::DELETE, true) => delete(shared, &target).map(|v| (200, v)),
         (Method::DELETE, false) => delete_collection(shared, &target, query).map(|v| (200, v)),
         _ => Err(ApiError::new(

@@ -28,6 +28,7 @@ mod selectors;
 mod server;
 mod status;
 mod store;
+mod table;
 mod tls;
 mod watch;
 
@@ -366,7 +367,8 @@ impl Emulator {
         })
     }
 
-    /// Deletes an object; `Ok(false)` when it did not exist.
+    /// Deletes an object; `Ok(false)` when it did not exist. For namespaced kinds a
+    /// `None` namespace means `default` (also in [`Self::get`]).
     pub fn delete(
         &self,
         api_version: &str,

@@ -363,6 +363,12 @@ async fn resource_request(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_string();
+    let accept = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
     let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH) {
         match axum::body::to_bytes(Body::new(request.into_body()), MAX_BODY_BYTES).await {
             Ok(bytes) => bytes,
@@ -375,7 +381,14 @@ async fn resource_request(
     } else {
         bytes::Bytes::new()
     };
-    handlers::dispatch(shared, &method, target, &query, &content_type, &body)
+    let request = handlers::ApiRequest {
+        method: &method,
+        query: &query,
+        content_type: &content_type,
+        accept: &accept,
+        body: &body,
+    };
+    handlers::dispatch(shared, target, &request)
 }
 
 #[cfg(test)]

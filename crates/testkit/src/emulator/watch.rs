@@ -19,6 +19,7 @@ use super::selectors::Selectors;
 use super::server::Shared;
 use super::status::ApiError;
 use super::store::{EventType, HistoryEvent, object_namespace};
+use super::table::TableRequest;
 
 /// Where a watch starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,8 @@ struct WatchRequest {
     start: WatchStart,
     bookmarks: bool,
     timeout: Option<Duration>,
+    /// Wrap each object in a one-row Table (kubectl get -w).
+    table: Option<TableRequest>,
 }
 
 fn parse_watch_request(
@@ -93,6 +96,7 @@ fn parse_watch_request(
         start,
         bookmarks,
         timeout,
+        table: None,
     })
 }
 
@@ -101,8 +105,10 @@ pub fn start_watch(
     shared: &Arc<Shared>,
     target: &ResourcePath,
     query: &HashMap<String, String>,
+    table: Option<TableRequest>,
 ) -> Result<Response<Body>, ApiError> {
-    let request = parse_watch_request(target, query)?;
+    let mut request = parse_watch_request(target, query)?;
+    request.table = table;
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     shared.open_watches.fetch_add(1, Ordering::SeqCst);
     let guard = OpenWatchGuard(shared.clone());
@@ -148,6 +154,21 @@ fn bookmark_object(resource: ResourceId, resource_version: u64, initial_events_e
 }
 
 impl WatchRequest {
+    fn object_event(&self, event_type: &str, object: &Value) -> Bytes {
+        match &self.table {
+            Some(table) => {
+                let kind = resources::resource(self.resource).kind;
+                let metadata =
+                    json!({"resourceVersion": object.pointer("/metadata/resourceVersion")});
+                event_line(
+                    event_type,
+                    &table.render(kind, std::slice::from_ref(object), metadata),
+                )
+            }
+            None => event_line(event_type, object),
+        }
+    }
+
     fn visible(&self, object: &Value) -> bool {
         self.namespace
             .as_deref()
@@ -175,7 +196,7 @@ impl WatchRequest {
                 }
             }
         }?;
-        Some(event_line(event_type, &event.object))
+        Some(self.object_event(event_type, &event.object))
     }
 }
 
@@ -192,7 +213,7 @@ async fn run_watch(shared: &Shared, request: WatchRequest, tx: mpsc::Sender<Byte
                 let objects: Vec<Bytes> = store
                     .list(request.resource, request.namespace.as_deref(), None)
                     .filter(|(_, obj)| request.selectors.matches(obj))
-                    .map(|(_, obj)| event_line("ADDED", obj))
+                    .map(|(_, obj)| request.object_event("ADDED", obj))
                     .collect();
                 Ok((store.resource_version(), objects))
             }
