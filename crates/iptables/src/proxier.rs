@@ -517,7 +517,7 @@ mod tests {
         match err {
             SyncError::Apply { tool, line, .. } => {
                 assert_eq!(tool, "iptables-restore");
-                assert_eq!(line.as_deref(), Some(":KUBE-SERVICES - [0:0]"));
+                assert_eq!(line.as_deref(), Some(":KUBE-FORWARD - [0:0]"));
             }
             other => panic!("{other}"),
         }

@@ -164,7 +164,7 @@ pub fn render(
         filter_names.push(KUBE_FIREWALL);
     }
     for c in &filter_names {
-        filter_chains.raw(&format!(":{c} - [0:0]"));
+        filter_chains.declare(&c);
     }
     for c in [
         KUBE_SERVICES,
@@ -172,7 +172,7 @@ pub fn render(
         KUBE_POSTROUTING,
         KUBE_MARK_MASQ,
     ] {
-        nat_chains.raw(&format!(":{c} - [0:0]"));
+        nat_chains.declare(&c);
     }
 
     // Static rules.
@@ -370,8 +370,8 @@ pub fn render(
     // Delete per-service chains that are no longer needed.
     let mut deletes = Lines::default();
     for chain in previous_chains.difference(&out.active_nat_chains) {
-        nat_chains.raw(&format!(":{chain} - [0:0]"));
-        deletes.raw(&format!("-X {chain}"));
+        nat_chains.declare(&chain);
+        deletes.trailer(&format!("-X {chain}"));
     }
 
     out.rules_written.insert("filter", filter_rules.rules);
@@ -381,15 +381,15 @@ pub fn render(
         .insert("nat", nat_rules.rules + skipped_rules);
 
     let mut text = String::with_capacity(
-        filter_rules.text.len() + nat_rules.text.len() + nat_chains.text.len() + 256,
+        filter_rules.len() + nat_rules.len() + nat_chains.len() + deletes.len() + 256,
     );
     text.push_str("*filter\n");
-    text.push_str(&filter_chains.text);
-    text.push_str(&filter_rules.text);
+    filter_chains.write_to(&mut text);
+    filter_rules.write_to(&mut text);
     text.push_str("COMMIT\n*nat\n");
-    text.push_str(&nat_chains.text);
-    text.push_str(&nat_rules.text);
-    text.push_str(&deletes.text);
+    nat_chains.write_to(&mut text);
+    nat_rules.write_to(&mut text);
+    deletes.write_to(&mut text);
     text.push_str("COMMIT\n");
     out.text = text;
     out
@@ -626,7 +626,7 @@ fn render_service(
         }
     }
     if uses_ext_chain {
-        chains.raw(&format!(":{ext_chain} - [0:0]"));
+        chains.declare(&ext_chain);
         active.insert(ext_chain.clone());
         if svc.external_policy_local {
             if cfg.local_detector.is_implemented() && uses_cluster_chain {
@@ -696,7 +696,7 @@ fn render_service(
         }
     }
     if uses_fw {
-        chains.raw(&format!(":{fw_chain} - [0:0]"));
+        chains.declare(&fw_chain);
         active.insert(fw_chain.clone());
         let c = comment(&format!("{name} loadbalancer IP"));
         for range in &svc.load_balancer_source_ranges {
@@ -737,19 +737,19 @@ fn render_service(
         );
     }
     if uses_cluster_chain {
-        chains.raw(&format!(":{cluster_chain} - [0:0]"));
+        chains.declare(&cluster_chain);
         active.insert(cluster_chain.clone());
         write_balancing(ctx, svc, &name, &cluster_chain, &cat.cluster, rules);
     }
     if uses_local_chain {
-        chains.raw(&format!(":{local_chain} - [0:0]"));
+        chains.declare(&local_chain);
         active.insert(local_chain.clone());
         write_balancing(ctx, svc, &name, &local_chain, &cat.local, rules);
     }
     for ep in &cat.all_reachable {
         let addr = ep.addr_string();
         let sep = endpoint_chain_name(&svc.name, &addr);
-        chains.raw(&format!(":{sep} - [0:0]"));
+        chains.declare(&sep);
         active.insert(sep.clone());
         let c = ctx.ep_comment(&name);
         rule(

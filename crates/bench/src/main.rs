@@ -1,0 +1,230 @@
+//! `cargo run --release -p kp-bench -- --services 1000 --endpoints 10`
+//!
+//! Starts the real kube-proxy-rs binary (target/release by default) in a node namespace
+//! against the API emulator holding N services x E endpoints, and prints a table:
+//! cold full sync (as the proxy measures it, and start -> rules committed), one endpoint
+//! change (API write -> rules committed, and the proxy's own sync time), and the kernel
+//! floor: `iptables-restore` of the same final ruleset alone, in a fresh namespace.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kp_testkit::lab::{Lab, http_get, localhost, wait_for};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Endpoint changes to measure.
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// The proxy binary (default: target/release/kube-proxy-rs next to this binary).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+}
+
+fn endpoint_ip(svc: usize, ep: usize) -> String {
+    let n = svc * 16 + ep;
+    format!("10.245.{}.{}", (n >> 8) & 255, n & 255)
+}
+
+fn slice(i: usize, eps: usize, shift: usize) -> serde_json::Value {
+    let endpoints: Vec<_> = (0..eps)
+        .map(|e| json!({"addresses": [endpoint_ip(i, (e + shift) % 16)], "conditions": {"ready": true}, "nodeName": "node1"}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-x"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+}
+
+fn metric(ns: &str, name: &str) -> Option<f64> {
+    let (_, m) = http_get(ns, localhost(10249), "/metrics").ok()?;
+    m.lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(f64::max)
+}
+
+fn sync_times_ms(log: &str) -> Vec<(bool, f64)> {
+    log.lines()
+        .filter(|l| l.contains("synced proxy rules"))
+        .filter_map(|l| {
+            let full = l.contains("full=true");
+            let ms = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("elapsed_ms="))?
+                .parse()
+                .ok()?;
+            Some((full, ms))
+        })
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("run as root (namespaces, iptables)");
+    }
+    let binary = match args.binary {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("kube-proxy-rs"),
+    };
+    if !binary.exists() {
+        bail!(
+            "{} not found: cargo build --release -p kube-proxy-rs",
+            binary.display()
+        );
+    }
+    let mut lab = Lab::new(1)?;
+    let emu = lab.emulator.clone();
+    let t_load = Instant::now();
+    for i in 0..args.services {
+        let a = 10 + (i >> 16);
+        let ip = format!("10.{}.{}.{}", 96 + a - 10, (i >> 8) & 255, i & 255);
+        emu.apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
+            "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
+            .with_context(|| format!("service {i}"))?;
+        emu.apply(slice(i, args.endpoints, 0))?;
+    }
+    let load_time = t_load.elapsed();
+
+    let node = lab.node_ns(1);
+    let t0 = Instant::now();
+    if let Ok(p) = std::env::var("KP_BENCH_PATH") {
+        lab.proxy_env.push(("PATH".into(), p));
+    }
+    lab.start_proxy(&binary, 1, &["--iptables-min-sync-period=0s"])?;
+    wait_for(Duration::from_secs(600), || {
+        metric(&node, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+    })
+    .context("first sync never completed")?;
+    let cold = t0.elapsed();
+    let first = sync_times_ms(&lab.proxy_log(1))
+        .first()
+        .map(|x| x.1)
+        .unwrap_or(f64::NAN);
+    let rss = std::fs::read_to_string(format!(
+        "/proc/{}/status",
+        lab.proxy(1).and_then(|p| p.child.id()).unwrap_or(0)
+    ))
+    .ok()
+    .and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+    })
+    .and_then(|kb| kb.parse::<f64>().ok())
+    .unwrap_or(f64::NAN);
+
+    // One endpoint change at a time, to the middle service.
+    let mid = args.services / 2;
+    let mut change_ms = Vec::new();
+    for c in 1..=args.changes {
+        let want = endpoint_ip(mid, c % 16);
+        let before = sync_times_ms(&lab.proxy_log(1)).len();
+        let t = Instant::now();
+        emu.apply(slice(mid, args.endpoints, c))?;
+        wait_for(Duration::from_secs(60), || {
+            (sync_times_ms(&lab.proxy_log(1)).len() > before).then_some(())
+        })
+        .context("change never synced")?;
+        change_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let _ = want;
+    }
+    let partial: Vec<f64> = sync_times_ms(&lab.proxy_log(1))
+        .into_iter()
+        .skip(1)
+        .filter(|(full, _)| !full)
+        .map(|x| x.1)
+        .collect();
+
+    // Kernel floor: load the final ruleset alone into a fresh namespace.
+    lab.stop_proxy(1, false);
+    let nat = lab.iptables_save(1, "nat")?;
+    let filter = lab.iptables_save(1, "filter")?;
+    let rules = nat.lines().filter(|l| l.starts_with("-A")).count();
+    let floor = {
+        let ns = format!("kpbench{}", std::process::id());
+        let run = |a: &[&str]| std::process::Command::new("ip").args(a).status();
+        run(&["netns", "add", &ns])?;
+        let t = Instant::now();
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "iptables-restore", "--noflush"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(format!("{filter}{nat}").as_bytes())?;
+        let ok = child.wait()?.success();
+        let el = t.elapsed();
+        run(&["netns", "del", &ns])?;
+        if !ok {
+            bail!("floor restore failed");
+        }
+        el
+    };
+    let mut cm = change_ms.clone();
+    let mut pm = partial.clone();
+    let p99 = {
+        let mut v = change_ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(((v.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "kube-proxy-rs iptables mode: {} services x {} endpoints ({} nat rules)",
+        args.services, args.endpoints, rules
+    );
+    println!("| measurement | value |");
+    println!("|---|---|");
+    println!(
+        "| objects written to the emulator | {:.2} s |",
+        load_time.as_secs_f64()
+    );
+    println!(
+        "| cold start -> first sync committed (wall) | {:.0} ms |",
+        cold.as_secs_f64() * 1000.0
+    );
+    println!("| first full sync (render + iptables-restore, proxy's own timer) | {first:.0} ms |");
+    println!(
+        "| kernel floor: iptables-restore --noflush of the same ruleset, fresh netns | {:.0} ms |",
+        floor.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| ratio full sync / floor | {:.2} |",
+        first / (floor.as_secs_f64() * 1000.0)
+    );
+    println!(
+        "| one endpoint change: API write -> committed, median of {} | {:.1} ms (p99 {:.1}) |",
+        change_ms.len(),
+        median(&mut cm),
+        p99
+    );
+    println!(
+        "| one endpoint change: partial sync (proxy's timer), median | {:.1} ms |",
+        median(&mut pm)
+    );
+    println!("| proxy peak RSS | {:.1} MiB |", rss / 1024.0);
+    Ok(())
+}
