@@ -565,3 +565,134 @@ fn failing_iptables_restore_is_logged_counted_retried() {
         lab.proxy_log(1)
     );
 }
+
+#[test]
+fn invalid_objects_are_skipped_and_unusual_ones_work() {
+    let lab = lab_with_proxy(REDIS, &[]);
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = lab.topology().ext().ns.clone();
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    let pods: Vec<String> = lab
+        .cluster
+        .pods()
+        .into_iter()
+        .map(|p| p.ip.to_string())
+        .collect();
+
+    let bad = [
+        (
+            "bad-ip",
+            json!({"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}),
+            "spec.clusterIP",
+        ),
+        (
+            "port-zero",
+            json!({"clusterIP": "10.96.1.1", "ports": [{"port": 0}]}),
+            "spec.ports[0].port",
+        ),
+        (
+            "port-big",
+            json!({"clusterIP": "10.96.1.2", "ports": [{"port": 70000}]}),
+            "spec.ports[0].port",
+        ),
+        (
+            "proto",
+            json!({"clusterIP": "10.96.1.3", "ports": [{"port": 80, "protocol": "ICMP"}]}),
+            "unknown protocol",
+        ),
+        (
+            "dup",
+            json!({"clusterIP": "10.96.1.4", "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}),
+            "duplicate port",
+        ),
+        (
+            "quote\"; -j ACCEPT",
+            json!({"clusterIP": "10.96.1.5", "ports": [{"port": 80}]}),
+            "metadata.name",
+        ),
+        (
+            "new\nline",
+            json!({"clusterIP": "10.96.1.6", "ports": [{"port": 80}]}),
+            "metadata.name",
+        ),
+        (
+            "sp ace",
+            json!({"clusterIP": "10.96.1.7", "ports": [{"port": 80}]}),
+            "metadata.name",
+        ),
+    ];
+    for (name, spec, _) in &bad {
+        lab.emulator
+            .apply_unvalidated(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec}))
+            .unwrap();
+    }
+    // A slice with one invalid and one valid address.
+    lab.emulator
+        .apply_unvalidated(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "odd-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "odd"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.999"]}, {"addresses": [pods[0]]}],
+            "ports": [{"port": 6379, "protocol": "TCP"}]}))
+        .unwrap();
+    // Valid but unusual: longest names, annotations with quotes, newlines and unicode.
+    let long = "n".repeat(63);
+    lab.emulator
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": long, "namespace": "default",
+                "annotations": {"note": "quote \" newline \n unicode ü -j ACCEPT; $(reboot)"}},
+            "spec": {"clusterIP": "10.96.2.2", "ports": [{"name": "a-very-long-nam", "port": 80}]}}))
+        .unwrap();
+    lab.emulator
+        .apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{long}-x"), "namespace": "default", "labels": {"kubernetes.io/service-name": long}},
+            "addressType": "IPv4", "endpoints": [{"addresses": [pods[1]]}],
+            "ports": [{"name": "a-very-long-nam", "port": 6379, "protocol": "TCP"}]}))
+        .unwrap();
+    lab.emulator
+        .apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "odd", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.2.3", "ports": [{"port": 80}]}}))
+        .unwrap();
+
+    let unusual: SocketAddr = "10.96.2.2:80".parse().unwrap();
+    wait_serving(&lab, &ext, unusual, Duration::from_secs(15));
+    let odd: SocketAddr = "10.96.2.3:80".parse().unwrap();
+    wait_serving(&lab, &ext, odd, Duration::from_secs(15));
+    let r = probe_tcp(&ext, target, 50, T).unwrap();
+    assert_eq!(r.total_ok(), 50, "redis disturbed: {r}");
+
+    let log = lab.proxy_log(1);
+    for (name, _, field) in &bad {
+        let who = format!("service=default/{}", name.escape_debug());
+        assert!(
+            log.lines().any(|l| l.contains("skipping invalid Service")
+                && l.contains(&who)
+                && l.contains(field)),
+            "no warning for {name:?} naming {field}:\n{log}"
+        );
+    }
+    // Hostile names cannot forge log lines: every line is a tracing record.
+    assert!(log.lines().all(|l| l.starts_with("20")), "{log}");
+    assert!(
+        log.contains("ignoring invalid endpoint") && log.contains("10.244.1.999"),
+        "{log}"
+    );
+    let nat = lab.iptables_save(1, "nat").unwrap();
+    let filter = lab.iptables_save(1, "filter").unwrap();
+    for text in [&nat, &filter] {
+        assert!(
+            !text.contains("ACCEPT;") && !text.contains("quote") && !text.contains("reboot"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("10.96.1."),
+            "invalid services got rules: {text}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &lab,
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+        ),
+        0.0
+    );
+}

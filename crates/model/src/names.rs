@@ -12,9 +12,19 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-/// RFC 1123 subdomain: dot-separated labels, at most 253 chars.
+/// RFC 1123 subdomain as Kubernetes checks it: at most 253 chars of dot-separated parts,
+/// each lower-case alphanumerics and '-' with alphanumeric ends (parts may exceed 63).
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
 }
 
 /// IANA service name, as allowed for port names (`http`, `dns-tcp`): at most 15 chars,
@@ -45,6 +55,9 @@ mod tests {
         }
         assert!(is_dns1123_subdomain("a.b-c.d"));
         assert!(!is_dns1123_subdomain("a..b"));
+        // Generated slice names of 63-char services exceed 63 chars and are valid.
+        assert!(is_dns1123_subdomain(&format!("{}-x7k2p", "a".repeat(63))));
+        assert!(!is_dns1123_subdomain(&"a".repeat(254)));
     }
 
     #[test]

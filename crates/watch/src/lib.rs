@@ -134,10 +134,12 @@ impl Watchers {
     }
 }
 
-/// `namespace/name` of an object for logs.
+/// `namespace/name` of an object for logs, with control characters and quotes escaped so
+/// a hostile name cannot forge log lines.
 pub fn object_name<K: Resource>(obj: &K) -> String {
-    match obj.namespace() {
+    let raw = match obj.namespace() {
         Some(ns) => format!("{ns}/{}", obj.name_any()),
         None => obj.name_any(),
-    }
+    };
+    raw.escape_debug().to_string()
 }

@@ -320,6 +320,31 @@ impl Emulator {
         Ok(store.upsert(resource, object)?)
     }
 
+    /// Stores `object` without the API server's defaulting and validation, as a broken or
+    /// hostile writer could: for tests of how clients cope with invalid objects.
+    pub fn apply_unvalidated(&self, object: Value) -> anyhow::Result<Value> {
+        let api_version = object
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let kind = object
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let resource = resources::find_by_kind(api_version, kind)
+            .ok_or_else(|| anyhow!("the emulator does not serve {api_version:?} {kind:?}"))?;
+        let mut store = self.shared.store();
+        if resources::resource(resource).namespaced {
+            let namespace = store::object_namespace(&object)
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or("default");
+            if ensure_namespace(&mut store, namespace).is_err() {
+                // A namespace name the server would refuse: store the object anyway.
+            }
+        }
+        Ok(store.upsert_unvalidated(resource, object)?)
+    }
+
     /// Applies every document of a multi-document YAML manifest (and the items of `List`s).
     pub fn apply_yaml_multi(&self, manifest: &str) -> anyhow::Result<Vec<Value>> {
         let mut applied = Vec::new();
