@@ -164,7 +164,7 @@ pub fn render(
         filter_names.push(KUBE_FIREWALL);
     }
     for c in &filter_names {
-        filter_chains.declare(&c);
+        filter_chains.declare(c);
     }
     for c in [
         KUBE_SERVICES,
@@ -172,7 +172,7 @@ pub fn render(
         KUBE_POSTROUTING,
         KUBE_MARK_MASQ,
     ] {
-        nat_chains.declare(&c);
+        nat_chains.declare(c);
     }
 
     // Static rules.
@@ -370,7 +370,7 @@ pub fn render(
     // Delete per-service chains that are no longer needed.
     let mut deletes = Lines::default();
     for chain in previous_chains.difference(&out.active_nat_chains) {
-        nat_chains.declare(&chain);
+        nat_chains.declare(chain);
         deletes.trailer(&format!("-X {chain}"));
     }
 
