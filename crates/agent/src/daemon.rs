@@ -391,7 +391,10 @@ fn spawn_watchers(watchers: &Watchers, shared: &Arc<Shared>, node_name: &str) {
                 }
             }
             ObjectEvent::Deleted { .. } => sh.health.set_node_eligible(false),
-            ObjectEvent::Synced => {}
+            ObjectEvent::Synced => {
+                sh.node_synced.store(true, Ordering::SeqCst);
+                sh.poke();
+            }
         },
     ));
     if let Ok(mut n) = shared.node.lock() {

@@ -17,6 +17,8 @@ pub struct Shared {
     pub node: Mutex<NodeInfo>,
     pub services_synced: AtomicBool,
     pub slices_synced: AtomicBool,
+    /// The Node watcher finished its first list (the Node may or may not exist).
+    pub node_synced: AtomicBool,
     /// The Node changed in a way that needs a full sync (zone, addresses).
     pub node_changed: AtomicBool,
     pub stop: AtomicBool,
@@ -40,6 +42,7 @@ impl Shared {
             node: Mutex::new(NodeInfo::default()),
             services_synced: AtomicBool::new(false),
             slices_synced: AtomicBool::new(false),
+            node_synced: AtomicBool::new(false),
             node_changed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             proxier_metrics: metrics.proxier(family),
@@ -89,8 +92,12 @@ pub fn run_sync_loop(
     wake: Receiver<()>,
     cfg: RunnerConfig,
 ) {
+    // Upstream waits for Services and EndpointSlices; waiting for the Node's first list too
+    // means zone and node IPs are known at the first sync, so it is not followed at once
+    // by a second full sync when the Node arrives.
     while !(shared.services_synced.load(Ordering::SeqCst)
-        && shared.slices_synced.load(Ordering::SeqCst))
+        && shared.slices_synced.load(Ordering::SeqCst)
+        && shared.node_synced.load(Ordering::SeqCst))
     {
         if shared.stop.load(Ordering::SeqCst) {
             return;

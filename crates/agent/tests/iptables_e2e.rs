@@ -158,6 +158,22 @@ fn redis_walkthrough_reaches_both_pods() {
     let (code, configz) = http_get(&node, localhost(10249), "/configz").unwrap();
     assert_eq!(code, 200);
     assert!(configz.contains("kubeproxy.config.k8s.io"), "{configz}");
+
+    // The Starting event on our Node, as upstream emits it.
+    let started = wait_for(Duration::from_secs(5), || {
+        lab.emulator
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "Starting")
+    });
+    let ev = started.expect("Starting event");
+    let regarding = if ev["regarding"].is_object() {
+        &ev["regarding"]
+    } else {
+        &ev["involvedObject"]
+    };
+    assert_eq!(regarding["kind"], "Node");
+    assert_eq!(regarding["name"], "node1");
 }
 
 #[test]
@@ -519,10 +535,16 @@ fn failing_iptables_restore_is_logged_counted_retried() {
         std::env::var("PATH").unwrap_or_default()
     );
     lab.proxy_env.push(("PATH".into(), path));
-    lab.start_proxy(std::path::Path::new(BIN), 1, &[]).unwrap();
+    lab.start_proxy(std::path::Path::new(BIN), 1, &["--iptables-sync-period=1s"])
+        .unwrap();
     let target = svc_addr(&lab, "default", "redis", 6379);
     let ext = lab.topology().ext().ns.clone();
+    let node = lab.node_ns(1);
     wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    assert_eq!(
+        http_get(&node, localhost(10256), "/healthz").unwrap().0,
+        200
+    );
 
     std::fs::write(&marker, "").unwrap();
     lab.cluster.scale("default", "redis", 3).unwrap();
@@ -553,6 +575,16 @@ fn failing_iptables_restore_is_logged_counted_retried() {
     // The old rules still serve the two original pods.
     let r = probe_tcp(&ext, target, 20, T).unwrap();
     assert_eq!(r.total_ok(), 20, "{r}");
+    // A queued change not applied within 2 x syncPeriod turns /healthz to 503.
+    let unhealthy = wait_for(Duration::from_secs(10), || {
+        (http_get(&node, localhost(10256), "/healthz").ok()?.0 == 503).then_some(())
+    });
+    assert!(
+        unhealthy.is_some(),
+        "/healthz stayed 200 while syncs failed"
+    );
+    // Upstream's /livez applies the same staleness rule (it only ignores node eligibility).
+    assert_eq!(http_get(&node, localhost(10256), "/livez").unwrap().0, 503);
 
     std::fs::remove_file(&marker).unwrap();
     let healed = wait_for(Duration::from_secs(15), || {
@@ -694,5 +726,73 @@ fn invalid_objects_are_skipped_and_unusual_ones_work() {
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
         ),
         0.0
+    );
+}
+
+#[test]
+fn nothing_is_programmed_before_the_first_full_lists() {
+    assert!(nix::unistd::geteuid().is_root());
+    let mut lab = Lab::new(1).unwrap();
+    lab.cluster.apply_manifest(REDIS).unwrap();
+    // The API answers 500 for a while: the proxy must not write rules from partial state.
+    lab.emulator.set_fail_requests(6, 500);
+    lab.start_proxy(std::path::Path::new(BIN), 1, &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let early = lab.iptables_save(1, "nat").unwrap();
+    let lists_done = lab
+        .emulator
+        .request_log()
+        .iter()
+        .filter(|r| r.status == 200 && r.path.contains("endpointslices"))
+        .count();
+    if lists_done == 0 {
+        assert!(
+            !early.contains("KUBE-SERVICES"),
+            "rules written before the lists completed:\n{early}"
+        );
+    }
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    wait_serving(
+        &lab,
+        &lab.topology().ext().ns.clone(),
+        target,
+        Duration::from_secs(30),
+    );
+    assert!(
+        lab.emulator.request_log().iter().any(|r| r.status == 500),
+        "the fault was injected"
+    );
+}
+
+#[test]
+fn client_certificate_kubeconfig_works() {
+    assert!(nix::unistd::geteuid().is_root());
+    let mut lab = Lab::new(1).unwrap();
+    lab.cluster.apply_manifest(REDIS).unwrap();
+    let kc = lab.workdir().join("cert-kubeconfig");
+    std::fs::write(
+        &kc,
+        lab.emulator
+            .kubeconfig_yaml_client_cert("https://127.0.0.1:6443"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&kc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // A later --kubeconfig flag overrides the token kubeconfig the lab passes.
+    lab.start_proxy(
+        std::path::Path::new(BIN),
+        1,
+        &[&format!("--kubeconfig={}", kc.display())],
+    )
+    .unwrap();
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    wait_serving(
+        &lab,
+        &lab.topology().ext().ns.clone(),
+        target,
+        Duration::from_secs(20),
+    );
+    assert!(
+        lab.emulator.request_log().iter().all(|r| r.status != 401),
+        "no unauthorised requests"
     );
 }
