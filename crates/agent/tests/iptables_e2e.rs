@@ -94,6 +94,28 @@ fn redis_walkthrough_reaches_both_pods() {
             );
         }
     }
+    // Hairpin: a pod reaching its own Service, half the time itself, is masqueraded then.
+    let pod1 = lab.cluster.pods().into_iter().next().unwrap();
+    let r = probe_tcp(&pod1.netns, target, 60, T).unwrap();
+    assert_eq!(r.total_ok(), 60, "hairpin: {r}");
+    assert_eq!(r.answers.len(), 2, "hairpin: both pods answer: {r}");
+    // Answers from itself saw the masquerade address (the node's bridge IP); answers from
+    // the other pod saw pod1's own IP (in-cluster traffic is not masqueraded).
+    let bridge = lab.topology().node(1).unwrap().bridge_ip.to_string();
+    let own = r.answers[&pod1.name];
+    assert_eq!(
+        r.sources_seen.get(&bridge).copied().unwrap_or(0),
+        own,
+        "{r}"
+    );
+    assert_eq!(
+        r.sources_seen
+            .get(&pod1.ip.to_string())
+            .copied()
+            .unwrap_or(0),
+        60 - own,
+        "{r}"
+    );
     // Off-cluster traffic is masqueraded (source outside 10.244.0.0/16): pods see the node.
     let r = probe_tcp(&ext, target, 10, T).unwrap();
     assert!(
