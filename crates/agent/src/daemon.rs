@@ -29,13 +29,6 @@ pub fn node_name(settings: &kp_config::Settings) -> anyhow::Result<String> {
     Ok(host.to_string_lossy().trim().to_lowercase())
 }
 
-fn admin_family(f: IpFamily) -> kp_admin::IpFamily {
-    match f {
-        IpFamily::V4 => kp_admin::IpFamily::IPv4,
-        IpFamily::V6 => kp_admin::IpFamily::IPv6,
-    }
-}
-
 /// Builds the iptables settings for one family. `node` supplies node IPs (for `primary`)
 /// and pod CIDRs (for NodeCIDR detection).
 pub fn iptables_config(
@@ -71,6 +64,21 @@ pub fn iptables_config(
         tcp_be_liberal: settings.conntrack.tcp_be_liberal || crate::kernel::tcp_be_liberal(),
         random_fully: true,
     }
+}
+
+/// IP families this node proxies: IPv4, plus IPv6 when the kernel has it and ip6tables
+/// is installed (upstream checks the same before running dual-stack).
+pub fn proxied_families() -> Vec<IpFamily> {
+    let mut f = vec![IpFamily::V4];
+    let kernel_v6 = std::path::Path::new("/proc/net/if_inet6").exists();
+    let tool = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("ip6tables-restore").is_file()));
+    if kernel_v6 && tool {
+        f.push(IpFamily::V6);
+    } else {
+        tracing::info!(kernel_v6, ip6tables = tool, "IPv6 not proxied");
+    }
+    f
 }
 
 /// Node IPs (InternalIP first, then ExternalIP) and pod CIDRs of a Node object.
@@ -187,7 +195,6 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), mode = %s.mode, node = %node_name, "starting kube-proxy-rs");
     crate::kernel::apply_conntrack(&s.conntrack);
 
-    let family = IpFamily::V4;
     let metrics = Metrics::new(kp_admin::ProxyMode::Iptables);
     let health = ProxyHealth::for_sync_period(s.sync_period).with_metrics(metrics.clone());
     serve_admin(&loaded, &metrics, &health).await?;
@@ -209,36 +216,44 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     } else {
         Node::default()
     };
-    let ipt_cfg = iptables_config(&s, family, &initial_node);
-    if ipt_cfg.localhost_node_ports_active() {
-        crate::kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
-    }
-    if !ipt_cfg.local_detector.is_implemented() && !s.masquerade_all {
-        tracing::warn!(
-            "no cluster CIDR for local-traffic detection; off-cluster traffic to ClusterIPs is not masqueraded"
-        );
-    }
-    let dataplane: Box<dyn Dataplane> = Box::new(IptablesProxier::new(SystemRunner, ipt_cfg));
-
-    let (shared, wake_rx) = Shared::new(
-        ChangeTracker::new(family, node_name.clone()),
-        metrics.clone(),
-        health.clone(),
-        admin_family(family),
-    );
-    spawn_watchers(&watchers, &shared, &node_name);
-    publish_starting_event(client, &node_name);
 
     let runner_cfg = RunnerConfig {
         min_sync_period: s.min_sync_period,
         sync_period: s.sync_period,
         full_sync_period: Duration::from_secs(3600),
     };
-    let loop_shared = shared.clone();
-    let sync_thread = std::thread::Builder::new()
-        .name("sync".into())
-        .spawn(move || run_sync_loop(loop_shared, dataplane, wake_rx, runner_cfg))
-        .context("starting the sync thread")?;
+    let mut families = Vec::new();
+    let mut threads = Vec::new();
+    for family in proxied_families() {
+        let ipt_cfg = iptables_config(&s, family, &initial_node);
+        if ipt_cfg.localhost_node_ports_active() {
+            crate::kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
+        }
+        if !ipt_cfg.local_detector.is_implemented() && !s.masquerade_all {
+            tracing::warn!(
+                family = family.k8s_name(),
+                "no local-traffic detector for this family (no cluster CIDR of it); off-cluster traffic to ClusterIPs is not masqueraded"
+            );
+        }
+        let dataplane: Box<dyn Dataplane> = Box::new(IptablesProxier::new(SystemRunner, ipt_cfg));
+        let (shared, wake_rx) = Shared::new(
+            ChangeTracker::new(family, node_name.clone()),
+            metrics.clone(),
+            health.clone(),
+            family,
+        );
+        let loop_shared = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("sync-{}", family.k8s_name()))
+                .spawn(move || run_sync_loop(loop_shared, dataplane, wake_rx, runner_cfg))
+                .context("starting a sync thread")?,
+        );
+        families.push(shared);
+    }
+    tracing::info!(families = ?families.iter().map(|f| f.model_family.k8s_name()).collect::<Vec<_>>(), "proxying");
+    spawn_watchers(&watchers, &families, &node_name);
+    publish_starting_event(client, &node_name);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -246,8 +261,15 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down; rules are left in place");
-    shared.shutdown();
-    let _ = tokio::task::spawn_blocking(move || sync_thread.join()).await;
+    for f in &families {
+        f.shutdown();
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     Ok(())
 }
 
@@ -275,94 +297,144 @@ async fn wait_for_node(watchers: &Watchers, node_name: &str, need_pod_cidrs: boo
     }
 }
 
-fn spawn_watchers(watchers: &Watchers, shared: &Arc<Shared>, node_name: &str) {
-    let sh = shared.clone();
+fn spawn_watchers(watchers: &Watchers, families: &[Arc<Shared>], node_name: &str) {
+    let fams = families.to_vec();
+    let proxied: Vec<IpFamily> = fams.iter().map(|f| f.model_family).collect();
     tokio::spawn(run_watcher(
         watchers.services.clone(),
         kp_watch::service_config(),
         move |ev| {
-            let mut warnings = Vec::new();
-            let changed = match &ev {
+            let Some(first) = fams.first() else { return };
+            match &ev {
                 ObjectEvent::Applied(svc) => {
-                    let Ok(mut t) = sh.tracker.lock() else { return };
-                    match t.update_service(svc, &mut warnings) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(service = %object_name(svc), error = %e, "skipping invalid Service");
-                            false
+                    let mut any = false;
+                    for (i, sh) in fams.iter().enumerate() {
+                        let mut warnings = Vec::new();
+                        let Ok(mut t) = sh.tracker.lock() else { return };
+                        let result = t.update_service(svc, &mut warnings);
+                        let pending = t.pending_service_changes();
+                        drop(t);
+                        // Problems are the same in every family: log them once.
+                        if i == 0 {
+                            for w in &warnings {
+                                tracing::warn!(service = %object_name(svc), problem = %w, "ignoring part of Service");
+                            }
                         }
+                        match result {
+                            Ok(true) => {
+                                any = true;
+                                sh.metrics.set_service_changes_pending(pending as u64);
+                                sh.queued();
+                            }
+                            Ok(false) => {}
+                            Err(e) if i == 0 => {
+                                tracing::warn!(service = %object_name(svc), error = %e, "skipping invalid Service")
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    let families = kp_model::service_families(svc);
+                    if !families.is_empty() && !families.iter().any(|f| proxied.contains(f)) {
+                        tracing::warn!(
+                            service = %object_name(svc),
+                            families = ?families,
+                            "skipping Service: none of its cluster IPs is of an IP family this node proxies"
+                        );
+                    }
+                    if any {
+                        first.metrics.record_service_change();
                     }
                 }
                 ObjectEvent::Deleted { namespace, name } => {
-                    let Ok(mut t) = sh.tracker.lock() else { return };
-                    t.delete_service(namespace.as_deref().unwrap_or_default(), name)
+                    let mut any = false;
+                    for sh in &fams {
+                        let Ok(mut t) = sh.tracker.lock() else { return };
+                        let changed =
+                            t.delete_service(namespace.as_deref().unwrap_or_default(), name);
+                        drop(t);
+                        if changed {
+                            any = true;
+                            sh.queued();
+                        }
+                    }
+                    if any {
+                        first.metrics.record_service_change();
+                    }
                 }
                 ObjectEvent::Synced => {
-                    sh.services_synced.store(true, Ordering::SeqCst);
-                    sh.poke();
-                    false
+                    for sh in &fams {
+                        sh.services_synced.store(true, Ordering::SeqCst);
+                        sh.poke();
+                    }
                 }
-            };
-            if let ObjectEvent::Applied(svc) = &ev {
-                for w in warnings {
-                    tracing::warn!(service = %object_name(svc), problem = %w, "ignoring part of Service");
-                }
-            }
-            if changed {
-                sh.metrics.record_service_change();
-                if let Ok(t) = sh.tracker.lock() {
-                    sh.metrics
-                        .set_service_changes_pending(t.pending_service_changes() as u64);
-                }
-                sh.queued();
             }
         },
     ));
 
-    let sh = shared.clone();
+    let fams = families.to_vec();
     tokio::spawn(run_watcher(
         watchers.slices.clone(),
         kp_watch::endpoint_slice_config(),
         move |ev| {
-            let mut warnings = Vec::new();
-            let changed = match &ev {
+            let Some(first) = fams.first() else { return };
+            match &ev {
                 ObjectEvent::Applied(slice) => {
-                    let Ok(mut t) = sh.tracker.lock() else { return };
-                    match t.update_slice(slice, &mut warnings) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(endpointslice = %object_name(slice), error = %e, "skipping invalid EndpointSlice");
-                            false
+                    let mut any = false;
+                    for (i, sh) in fams.iter().enumerate() {
+                        let mut warnings = Vec::new();
+                        let Ok(mut t) = sh.tracker.lock() else { return };
+                        let result = t.update_slice(slice, &mut warnings);
+                        let pending = t.pending_endpoint_changes();
+                        drop(t);
+                        for w in &warnings {
+                            tracing::warn!(endpointslice = %object_name(slice), problem = %w, "ignoring invalid endpoint");
                         }
+                        match result {
+                            Ok(true) => {
+                                any = true;
+                                sh.metrics.set_endpoint_changes_pending(pending as u64);
+                                sh.queued();
+                            }
+                            Ok(false) => {}
+                            Err(e) if i == 0 => tracing::warn!(
+                                endpointslice = %object_name(slice),
+                                error = %e,
+                                "skipping invalid EndpointSlice"
+                            ),
+                            Err(_) => {}
+                        }
+                    }
+                    if any {
+                        first.metrics.record_endpoint_change();
                     }
                 }
                 ObjectEvent::Deleted { namespace, name } => {
-                    let Ok(mut t) = sh.tracker.lock() else { return };
-                    t.delete_slice(namespace.as_deref().unwrap_or_default(), name)
+                    let mut any = false;
+                    for sh in &fams {
+                        let Ok(mut t) = sh.tracker.lock() else { return };
+                        let changed =
+                            t.delete_slice(namespace.as_deref().unwrap_or_default(), name);
+                        drop(t);
+                        if changed {
+                            any = true;
+                            sh.queued();
+                        }
+                    }
+                    if any {
+                        first.metrics.record_endpoint_change();
+                    }
                 }
                 ObjectEvent::Synced => {
-                    sh.slices_synced.store(true, Ordering::SeqCst);
-                    sh.poke();
-                    false
+                    for sh in &fams {
+                        sh.slices_synced.store(true, Ordering::SeqCst);
+                        sh.poke();
+                    }
                 }
-            };
-            if let ObjectEvent::Applied(slice) = &ev {
-                for w in warnings {
-                    tracing::warn!(endpointslice = %object_name(slice), problem = %w, "ignoring invalid endpoint");
-                }
-            }
-            if changed {
-                sh.metrics.record_endpoint_change();
-                if let Ok(t) = sh.tracker.lock() {
-                    sh.metrics
-                        .set_endpoint_changes_pending(t.pending_endpoint_changes() as u64);
-                }
-                sh.queued();
             }
         },
     ));
 
-    let sh = shared.clone();
+    let fams = families.to_vec();
     tokio::spawn(run_watcher(
         watchers.nodes.clone(),
         kp_watch::node_config(node_name),
@@ -377,28 +449,38 @@ fn spawn_watchers(watchers: &Watchers, shared: &Arc<Shared>, node_name: &str) {
                     .flat_map(|s| s.taints.iter().flatten())
                     .map(|t| t.key.clone())
                     .collect();
-                sh.health.set_node_eligible(kp_admin::is_node_eligible(
-                    being_deleted,
-                    taints.iter().map(|s| s.as_str()),
-                ));
-                let Ok(mut n) = sh.node.lock() else { return };
-                if n.topology.zone != zone || n.node_ips != ips || n.pod_cidrs != cidrs {
-                    n.topology.zone = zone;
-                    n.node_ips = ips;
-                    n.pod_cidrs = cidrs;
-                    sh.node_changed.store(true, Ordering::SeqCst);
+                for sh in &fams {
+                    sh.health.set_node_eligible(kp_admin::is_node_eligible(
+                        being_deleted,
+                        taints.iter().map(|s| s.as_str()),
+                    ));
+                    let Ok(mut n) = sh.node.lock() else { return };
+                    if n.topology.zone != zone || n.node_ips != ips || n.pod_cidrs != cidrs {
+                        n.topology.zone = zone.clone();
+                        n.node_ips = ips.clone();
+                        n.pod_cidrs = cidrs.clone();
+                        sh.node_changed.store(true, Ordering::SeqCst);
+                        sh.poke();
+                    }
+                }
+            }
+            ObjectEvent::Deleted { .. } => {
+                for sh in &fams {
+                    sh.health.set_node_eligible(false);
+                }
+            }
+            ObjectEvent::Synced => {
+                for sh in &fams {
+                    sh.node_synced.store(true, Ordering::SeqCst);
                     sh.poke();
                 }
             }
-            ObjectEvent::Deleted { .. } => sh.health.set_node_eligible(false),
-            ObjectEvent::Synced => {
-                sh.node_synced.store(true, Ordering::SeqCst);
-                sh.poke();
-            }
         },
     ));
-    if let Ok(mut n) = shared.node.lock() {
-        n.topology.node_name = node_name.to_string();
+    for sh in families {
+        if let Ok(mut n) = sh.node.lock() {
+            n.topology.node_name = node_name.to_string();
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub struct Shared {
     pub proxier_metrics: ProxierMetrics,
     pub health: ProxyHealth,
     pub family: kp_admin::IpFamily,
+    pub model_family: kp_model::IpFamily,
     wake: SyncSender<()>,
 }
 
@@ -34,8 +35,12 @@ impl Shared {
         tracker: ChangeTracker,
         metrics: Metrics,
         health: ProxyHealth,
-        family: kp_admin::IpFamily,
+        model_family: kp_model::IpFamily,
     ) -> (Arc<Shared>, Receiver<()>) {
+        let family = match model_family {
+            kp_model::IpFamily::V4 => kp_admin::IpFamily::IPv4,
+            kp_model::IpFamily::V6 => kp_admin::IpFamily::IPv6,
+        };
         let (wake, rx) = std::sync::mpsc::sync_channel(1);
         let shared = Shared {
             tracker: Mutex::new(tracker),
@@ -49,6 +54,7 @@ impl Shared {
             metrics,
             health,
             family,
+            model_family,
             wake,
         };
         (Arc::new(shared), rx)

@@ -454,6 +454,7 @@ fn cleanup_restores_the_tables_as_they_were() {
     }
     let nat_before = strip_counters(&lab.iptables_save(1, "nat").unwrap());
     let filter_before = strip_counters(&lab.iptables_save(1, "filter").unwrap());
+    let v6_before = strip_counters(&lab.topology().exec_ok(&node, &["ip6tables-save"]).unwrap());
     lab.cluster.apply_manifest(REDIS).unwrap();
     lab.start_proxy(std::path::Path::new(BIN), 1, &[]).unwrap();
     let target = svc_addr(&lab, "default", "redis", 6379);

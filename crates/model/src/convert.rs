@@ -56,6 +56,27 @@ fn parse_ip(field: impl Into<String>, s: &str) -> Result<IpAddr, ConvertError> {
         })
 }
 
+/// IP families of a Service's valid cluster IPs (empty for headless/ExternalName).
+pub fn service_families(svc: &Service) -> Vec<IpFamily> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for ip in spec
+        .cluster_ip
+        .iter()
+        .chain(spec.cluster_ips.iter().flatten())
+    {
+        if let Ok(ip) = ip.parse::<IpAddr>() {
+            let f = IpFamily::of(&ip);
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
 /// The service's ports for one IP family. `Ok(vec![])` means "not proxied" (headless,
 /// ExternalName, no cluster IP of this family); `Err` means the object is invalid and is
 /// skipped as a whole. `warnings` collects problems that only drop one entry (an invalid

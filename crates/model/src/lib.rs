@@ -11,7 +11,8 @@ mod tracker;
 mod types;
 
 pub use convert::{
-    ConvertError, endpoints_from_slice, service_ports_from_service, validate_dns_label,
+    ConvertError, endpoints_from_slice, service_families, service_ports_from_service,
+    validate_dns_label,
 };
 pub use names::{is_dns1123_label, is_dns1123_subdomain};
 pub use topology::{CategorizedEndpoints, NodeTopology, categorize_endpoints};
