@@ -93,10 +93,12 @@ pub fn categorize_endpoints(
             .filter(|e| e.ready && available(e, mode, node))
             .cloned()
             .collect();
+        // No ready endpoint anywhere (topology was already ignored if none matched):
+        // fall back to serving-and-terminating ones, regardless of hints, as upstream.
         if out.cluster.is_empty() {
             out.cluster = endpoints
                 .iter()
-                .filter(|e| e.serving && e.terminating && available(e, mode, node))
+                .filter(|e| e.serving && e.terminating)
                 .cloned()
                 .collect();
         }
