@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::Node;
 use kp_admin::{Metrics, MetricsServerState, ProxyHealth};
 use kp_config::{DetectLocalMode, Loaded, NodePortAddress, ProxyMode};
 use kp_dataplane::{Dataplane, LocalDetector, NodePortAddresses, SystemRunner};
@@ -253,7 +253,14 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     }
     tracing::info!(families = ?families.iter().map(|f| f.model_family.k8s_name()).collect::<Vec<_>>(), "proxying");
     spawn_watchers(&watchers, &families, &node_name);
-    publish_starting_event(client, &node_name);
+    let events =
+        crate::events::EventSink::new(client, &node_name, tokio::runtime::Handle::current());
+    events.node(
+        kube::runtime::events::EventType::Normal,
+        "Starting",
+        "StartKubeProxy",
+        format!("kube-proxy-rs {} started", env!("CARGO_PKG_VERSION")),
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -482,35 +489,4 @@ fn spawn_watchers(watchers: &Watchers, families: &[Arc<Shared>], node_name: &str
             n.topology.node_name = node_name.to_string();
         }
     }
-}
-
-/// The `Starting` event on our Node, as upstream emits it. Best effort.
-fn publish_starting_event(client: kube::Client, node_name: &str) {
-    let node_name = node_name.to_string();
-    tokio::spawn(async move {
-        let reporter = kube::runtime::events::Reporter {
-            controller: "kube-proxy".into(),
-            instance: Some(node_name.clone()),
-        };
-        let recorder = kube::runtime::events::Recorder::new(client, reporter);
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(node_name.clone()),
-            ..Default::default()
-        };
-        let ev = kube::runtime::events::Event {
-            type_: kube::runtime::events::EventType::Normal,
-            reason: "Starting".into(),
-            note: Some(format!(
-                "kube-proxy-rs {} started",
-                env!("CARGO_PKG_VERSION")
-            )),
-            action: "StartKubeProxy".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, "cannot publish Starting event");
-        }
-    });
 }

@@ -5,6 +5,7 @@
 
 mod client;
 mod daemon;
+mod events;
 mod kernel;
 mod runner;
 mod sandbox;

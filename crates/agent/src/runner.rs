@@ -27,6 +27,7 @@ pub struct Shared {
     pub health: ProxyHealth,
     pub family: kp_admin::IpFamily,
     pub model_family: kp_model::IpFamily,
+    pub last_warnings: Mutex<Vec<String>>,
     wake: SyncSender<()>,
 }
 
@@ -55,6 +56,7 @@ impl Shared {
             health,
             family,
             model_family,
+            last_warnings: Mutex::new(Vec::new()),
             wake,
         };
         (Arc::new(shared), rx)
@@ -250,6 +252,15 @@ fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -
                 report.no_local_endpoints_external as u64,
             );
             shared.health.updated(shared.family);
+            // Log rendering problems when they change, not on every sync.
+            if let Ok(mut last) = shared.last_warnings.lock()
+                && *last != report.warnings
+            {
+                for w in &report.warnings {
+                    tracing::warn!(family = shared.model_family.k8s_name(), "{w}");
+                }
+                *last = report.warnings.clone();
+            }
             tracing::info!(
                 full = report.full,
                 services = state.services.len(),

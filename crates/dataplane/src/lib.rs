@@ -56,6 +56,8 @@ pub struct SyncReport {
     pub no_local_endpoints_external: usize,
     /// Services needing a healthCheckNodePort server, and their local ready endpoint count.
     pub health_checks: BTreeMap<NamespacedName, (u16, usize)>,
+    /// Problems found while rendering, one line each naming the objects.
+    pub warnings: Vec<String>,
     /// Bytes handed to the kernel tool.
     pub bytes_written: usize,
 }

@@ -325,6 +325,7 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
             no_local_endpoints_internal: rendered.no_local_endpoints_internal,
             no_local_endpoints_external: rendered.no_local_endpoints_external,
             health_checks: rendered.health_checks,
+            warnings: rendered.warnings,
             bytes_written: rendered.text.len(),
         })
     }

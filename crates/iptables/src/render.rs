@@ -73,6 +73,9 @@ pub struct Rendered {
     pub no_local_endpoints_internal: usize,
     pub no_local_endpoints_external: usize,
     pub health_checks: BTreeMap<NamespacedName, (u16, usize)>,
+    /// Problems found while rendering (e.g. two services claiming one NodePort), one line
+    /// each, naming the objects.
+    pub warnings: Vec<String>,
 }
 
 struct Ctx<'a> {
@@ -286,6 +289,29 @@ pub fn render(
     // "VIP on the node" loopback case).
     let node_ips: &[IpAddr] = &node.node_ips;
 
+    // A NodePort belongs to the first service (in name order) that claims it; the API
+    // server prevents clashes, so one here means a broken writer: keep the first, warn.
+    let mut node_port_owner: HashMap<(kp_model::Protocol, u16), &kp_model::ServicePortName> =
+        HashMap::new();
+    let mut node_port_losers: BTreeSet<&kp_model::ServicePortName> = BTreeSet::new();
+    for svc in state.services.values() {
+        if let Some(np) = svc.node_port {
+            match node_port_owner.get(&(svc.protocol, np)) {
+                Some(owner) => {
+                    out.warnings.push(format!(
+                        "service {}: nodePort {np}/{} is already used by {owner}; its NodePort rules are skipped",
+                        svc.name,
+                        svc.protocol.upper()
+                    ));
+                    node_port_losers.insert(&svc.name);
+                }
+                None => {
+                    node_port_owner.insert((svc.protocol, np), &svc.name);
+                }
+            }
+        }
+    }
+
     let mut svc_counts: HashMap<NamespacedName, usize> = HashMap::new();
     for svc in state.services.values() {
         let key = &svc.name.service;
@@ -304,6 +330,7 @@ pub fn render(
             &mut chains,
             &mut rules,
             &mut out.active_nat_chains,
+            !node_port_losers.contains(&svc.name),
         );
         out.no_local_endpoints_internal += stats.no_local_internal as usize;
         out.no_local_endpoints_external += stats.no_local_external as usize;
@@ -414,6 +441,7 @@ fn render_service(
     chains: &mut Lines,
     rules: &mut Lines,
     active: &mut BTreeSet<String>,
+    owns_node_port: bool,
 ) -> ServiceStats {
     let cfg = ctx.cfg;
     let name = svc.name.to_string();
@@ -554,7 +582,7 @@ fn render_service(
         }
     }
     // NodePort.
-    if let Some(np) = svc.node_port {
+    if let Some(np) = svc.node_port.filter(|_| owns_node_port) {
         let np = np.to_string();
         if uses_ext_chain {
             rule(

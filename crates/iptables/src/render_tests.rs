@@ -356,3 +356,45 @@ fn large_cluster_mode_drops_endpoint_comments() {
     );
     assert!(r.text.contains("\"a/big cluster IP\""));
 }
+
+#[test]
+fn conflicting_node_ports_keep_the_first_and_warn() {
+    let mut t = tracker_with(&[
+        svc(
+            "a",
+            "first",
+            json!({"clusterIP": "10.96.0.7", "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+        ),
+        slice("a", "first", "", 80, "TCP", &[("10.244.1.2", "n")]),
+        svc(
+            "b",
+            "second",
+            json!({"clusterIP": "10.96.0.8", "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+        ),
+        slice("b", "second", "", 80, "TCP", &[("10.244.1.3", "n")]),
+    ]);
+    t.drain();
+    let r = render(
+        &cfg(),
+        t.state(),
+        &node(),
+        None,
+        &BTreeSet::new(),
+        &HashMap::new(),
+    );
+    let np: Vec<&str> = r
+        .text
+        .lines()
+        .filter(|l| l.contains("--dport 30080"))
+        .collect();
+    assert_eq!(np.len(), 1, "{np:?}");
+    assert!(np[0].contains("a/first"));
+    assert_eq!(r.warnings.len(), 1);
+    assert!(
+        r.warnings[0].contains("b/second") && r.warnings[0].contains("a/first"),
+        "{:?}",
+        r.warnings
+    );
+    // The loser's ClusterIP still works.
+    assert!(r.text.contains("\"b/second cluster IP\""));
+}

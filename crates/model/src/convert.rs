@@ -142,6 +142,11 @@ pub fn service_ports_from_service(
         .and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
         let Some(ip) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
+            if ing.hostname.as_deref().is_some_and(|h| !h.is_empty()) {
+                warnings.push(format!(
+                    "status.loadBalancer.ingress[{i}]: hostname-only ingress is not proxied (no IP)"
+                ));
+            }
             continue;
         };
         // ipMode Proxy: the load balancer delivers to the node itself; no VIP rules.

@@ -244,5 +244,9 @@ fn session_affinity_and_policies() {
         sp.load_balancer_source_ranges[0].to_string(),
         "203.0.113.0/24"
     );
-    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(
+        w.len(),
+        2,
+        "bogus external IP and hostname-only ingress: {w:?}"
+    );
 }
