@@ -28,6 +28,7 @@ pub mod health;
 pub mod metrics;
 mod process;
 pub mod server;
+pub mod service_health;
 
 pub use exposition::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE};
 pub use health::{
@@ -41,4 +42,8 @@ pub use metrics::{
 pub use server::{
     AdminError, CONFIGZ_KEY, MetricsServerState, ServerHandle, healthz_router, metrics_router,
     serve_healthz, serve_healthz_on, serve_metrics, serve_metrics_on,
+};
+pub use service_health::{
+    ENDPOINT_WEIGHT_HEADER, FAILED_TO_START_EVENT_ACTION, FAILED_TO_START_EVENT_REASON,
+    HealthCheckListenError, ServiceHealthServer, ServiceName,
 };
