@@ -222,6 +222,11 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         sync_period: s.sync_period,
         full_sync_period: Duration::from_secs(3600),
     };
+    let events = crate::events::EventSink::new(
+        client.clone(),
+        &node_name,
+        tokio::runtime::Handle::current(),
+    );
     let mut families = Vec::new();
     let mut threads = Vec::new();
     for family in proxied_families() {
@@ -235,6 +240,18 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 "no local-traffic detector for this family (no cluster CIDR of it); off-cluster traffic to ClusterIPs is not masqueraded"
             );
         }
+        // Health-check servers listen where NodePorts do: on every address of the family,
+        // or on the --nodeport-addresses ones.
+        let hc_ips: Vec<std::net::IpAddr> = if ipt_cfg.node_port_addresses.match_all() {
+            vec![match family {
+                IpFamily::V4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                IpFamily::V6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            }]
+        } else {
+            ipt_cfg
+                .node_port_addresses
+                .filter(&crate::kernel::local_addresses())
+        };
         let dataplane: Box<dyn Dataplane> = Box::new(IptablesProxier::new(SystemRunner, ipt_cfg));
         let (shared, wake_rx) = Shared::new(
             ChangeTracker::new(family, node_name.clone()),
@@ -242,6 +259,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
             health.clone(),
             family,
         );
+        let _ = shared
+            .service_health
+            .set(kp_admin::ServiceHealthServer::new(health.clone(), hc_ips));
+        let _ = shared.events.set(events.clone());
         let loop_shared = shared.clone();
         threads.push(
             std::thread::Builder::new()
@@ -253,8 +274,6 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     }
     tracing::info!(families = ?families.iter().map(|f| f.model_family.k8s_name()).collect::<Vec<_>>(), "proxying");
     spawn_watchers(&watchers, &families, &node_name);
-    let events =
-        crate::events::EventSink::new(client, &node_name, tokio::runtime::Handle::current());
     events.node(
         kube::runtime::events::EventType::Normal,
         "Starting",

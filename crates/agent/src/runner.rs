@@ -28,6 +28,9 @@ pub struct Shared {
     pub family: kp_admin::IpFamily,
     pub model_family: kp_model::IpFamily,
     pub last_warnings: Mutex<Vec<String>>,
+    /// healthCheckNodePort servers of this family (set once at start).
+    pub service_health: std::sync::OnceLock<kp_admin::ServiceHealthServer>,
+    pub events: std::sync::OnceLock<crate::events::EventSink>,
     wake: SyncSender<()>,
 }
 
@@ -57,6 +60,8 @@ impl Shared {
             family,
             model_family,
             last_warnings: Mutex::new(Vec::new()),
+            service_health: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
             wake,
         };
         (Arc::new(shared), rx)
@@ -252,6 +257,7 @@ fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -
                 report.no_local_endpoints_external as u64,
             );
             shared.health.updated(shared.family);
+            sync_health_checks(shared, &report.health_checks);
             // Log rendering problems when they change, not on every sync.
             if let Ok(mut last) = shared.last_warnings.lock()
                 && *last != report.warnings
@@ -262,6 +268,7 @@ fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -
                 *last = report.warnings.clone();
             }
             tracing::info!(
+                family = shared.model_family.k8s_name(),
                 full = report.full,
                 services = state.services.len(),
                 endpoints = state.endpoint_count(),
@@ -303,4 +310,46 @@ fn table_of(name: &str) -> Option<IptablesTable> {
         "nat" => Some(IptablesTable::Nat),
         _ => None,
     }
+}
+
+/// Opens/closes healthCheckNodePort servers and updates their endpoint counts. A port that
+/// cannot be opened is logged and reported as a Warning Event on the Service, as upstream.
+fn sync_health_checks(
+    shared: &Shared,
+    checks: &std::collections::BTreeMap<kp_model::NamespacedName, (u16, usize)>,
+) {
+    let Some(server) = shared.service_health.get() else {
+        return;
+    };
+    let ports = checks
+        .iter()
+        .map(|(k, (port, _))| ((k.namespace.clone(), k.name.clone()), *port))
+        .collect();
+    for err in server.sync_services(&ports) {
+        tracing::warn!(
+            service = %format!("{}/{}", err.namespace, err.name).escape_debug(),
+            port = err.port,
+            error = %err,
+            "cannot open healthCheckNodePort"
+        );
+        if let Some(events) = shared.events.get() {
+            let node = shared
+                .node
+                .lock()
+                .map(|n| n.topology.node_name.clone())
+                .unwrap_or_default();
+            events.service_warning(
+                &err.namespace,
+                &err.name,
+                kp_admin::FAILED_TO_START_EVENT_REASON,
+                kp_admin::FAILED_TO_START_EVENT_ACTION,
+                err.event_message(&node),
+            );
+        }
+    }
+    let counts = checks
+        .iter()
+        .map(|(k, (_, n))| ((k.namespace.clone(), k.name.clone()), *n))
+        .collect();
+    server.sync_endpoints(&counts);
 }
