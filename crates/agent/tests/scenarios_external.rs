@@ -228,38 +228,35 @@ fn metric(lab: &Lab, n: usize, name: &str, label: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-/// A plain HTTP GET returning (status, headers lower-cased, body).
-fn http_get_with_headers(
-    ns: &str,
-    addr: SocketAddr,
-) -> anyhow::Result<(u16, Vec<(String, String)>, String)> {
-    in_netns(
-        ns,
-        move || -> anyhow::Result<(u16, Vec<(String, String)>, String)> {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&addr, T)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
-                s,
-                "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf)?;
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-            let mut lines = head.lines();
-            let status = lines
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|c| c.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("no HTTP status in {text:?}"))?;
-            let headers = lines
-                .filter_map(|l| l.split_once(':'))
-                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                .collect();
-            Ok((status, headers, body.to_string()))
-        },
-    )?
+/// (status, headers with lower-cased names, body).
+type HttpReply = (u16, Vec<(String, String)>, String);
+
+/// A plain HTTP GET of `/`.
+fn http_get_with_headers(ns: &str, addr: SocketAddr) -> anyhow::Result<HttpReply> {
+    in_netns(ns, move || -> anyhow::Result<HttpReply> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, T)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no HTTP status in {text:?}"))?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok((status, headers, body.to_string()))
+    })?
 }
 
 fn nat_and_filter(lab: &Lab, n: usize) -> (String, String) {
@@ -883,7 +880,6 @@ fn localhost_nodeports_work_and_remote_packets_to_localhost_are_dropped() {
                 && l.ends_with("-j DROP")),
             "CVE-2020-8558 rule:\n{filter}"
         );
-        assert!(filter.contains("-A INPUT -j KUBE-FIREWALL"), "{filter}");
     }
 
     // ext sends to 127.0.0.1 through node1: route 127.0.0.1 via node1 ahead of ext's local
@@ -951,6 +947,14 @@ fn localhost_nodeports_work_and_remote_packets_to_localhost_are_dropped() {
             connects(&ext, metrics, T).is_ok(),
             "control: without KUBE-FIREWALL ext reaches 127.0.0.1:10249 on node1"
         );
+        // Upstream hooks kubelet's chain with uncommented jumps (`iptablesKubeletJumpChains`).
+        let filter = lab.iptables_save(1, "filter").unwrap();
+        for hook in ["INPUT", "OUTPUT"] {
+            assert!(
+                filter.contains(&format!("-A {hook} -j KUBE-FIREWALL\n")),
+                "{hook} -> KUBE-FIREWALL jump as upstream writes it:\n{filter}"
+            );
+        }
     }
 }
 

@@ -131,12 +131,17 @@ const JUMPS: &[Jump] = &[
 
 fn jump_args(j: &Jump) -> Vec<String> {
     let (_, chain, _, comment, extra) = j;
-    let mut a: Vec<String> = vec![
-        "-m".into(),
-        "comment".into(),
-        "--comment".into(),
-        comment.to_string(),
-    ];
+    // kubelet's KUBE-FIREWALL jumps carry no comment upstream.
+    let mut a: Vec<String> = if comment.is_empty() {
+        vec![]
+    } else {
+        vec![
+            "-m".into(),
+            "comment".into(),
+            "--comment".into(),
+            comment.to_string(),
+        ]
+    };
     a.extend(extra.iter().map(|s| s.to_string()));
     a.extend(["-j".to_string(), chain.to_string()]);
     a
@@ -188,20 +193,8 @@ impl<R: CommandRunner> IptablesProxier<R> {
     fn ensure_jumps(&self) -> Result<(), SyncError> {
         let mut jumps: Vec<Jump> = JUMPS.to_vec();
         if self.cfg.localhost_node_ports_active() {
-            jumps.push((
-                "filter",
-                KUBE_FIREWALL,
-                "INPUT",
-                "kubernetes firewall for dropping marked packets",
-                &[],
-            ));
-            jumps.push((
-                "filter",
-                KUBE_FIREWALL,
-                "OUTPUT",
-                "kubernetes firewall for dropping marked packets",
-                &[],
-            ));
+            jumps.push(("filter", KUBE_FIREWALL, "INPUT", "", &[]));
+            jumps.push(("filter", KUBE_FIREWALL, "OUTPUT", "", &[]));
         }
         for j in &jumps {
             let (table, chain, from, _, _) = j;
@@ -370,20 +363,19 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
 
     fn cleanup(&mut self) -> Result<(), SyncError> {
         let mut jumps: Vec<Jump> = JUMPS.to_vec();
-        jumps.push((
-            "filter",
-            KUBE_FIREWALL,
-            "INPUT",
-            "kubernetes firewall for dropping marked packets",
-            &[],
-        ));
-        jumps.push((
-            "filter",
-            KUBE_FIREWALL,
-            "OUTPUT",
-            "kubernetes firewall for dropping marked packets",
-            &[],
-        ));
+        // KUBE-FIREWALL is kubelet's chain too: its jumps go only if the chain holds
+        // nothing but our localnet drop (or nothing).
+        let firewall = self.ipt(&["-w", "5", "-t", "filter", "-S", KUBE_FIREWALL])?;
+        let firewall_is_ours = !firewall.success()
+            || firewall
+                .stdout
+                .lines()
+                .filter(|l| l.starts_with("-A "))
+                .all(|l| l.contains("block incoming localnet connections"));
+        if firewall_is_ours {
+            jumps.push(("filter", KUBE_FIREWALL, "INPUT", "", &[]));
+            jumps.push(("filter", KUBE_FIREWALL, "OUTPUT", "", &[]));
+        }
         for j in &jumps {
             let (table, _, from, _, _) = j;
             let args = jump_args(j);
@@ -437,12 +429,12 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
         text.push_str("COMMIT\n*mangle\n");
         text.push_str(&format!(":{CANARY} - [0:0]\n-X {CANARY}\nCOMMIT\n"));
         self.restore(&text)?;
-        // KUBE-FIREWALL may be kubelet's too: remove it only if nothing else still uses it.
-        if self
-            .restore(&format!(
-                "*filter\n:{KUBE_FIREWALL} - [0:0]\n-X {KUBE_FIREWALL}\nCOMMIT\n"
-            ))
-            .is_err()
+        if firewall_is_ours
+            && self
+                .restore(&format!(
+                    "*filter\n:{KUBE_FIREWALL} - [0:0]\n-X {KUBE_FIREWALL}\nCOMMIT\n"
+                ))
+                .is_err()
         {
             tracing::info!("KUBE-FIREWALL is still referenced by another component; left in place");
         }

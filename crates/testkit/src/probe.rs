@@ -345,3 +345,86 @@ fn udp_attempt(
     let latency = started.elapsed();
     parse_reply(&String::from_utf8_lossy(&buf[..len]), latency)
 }
+
+/// `count` TCP connections from `ns` to `target`, each bound to source address
+/// `source_ip` (any port) before connecting: for a client namespace holding several
+/// addresses, e.g. to test `loadBalancerSourceRanges`.
+pub fn probe_tcp_from_addr(
+    ns: &str,
+    source_ip: IpAddr,
+    target: SocketAddr,
+    count: usize,
+    timeout: Duration,
+) -> Result<ProbeReport, NetnsError> {
+    in_netns(ns, || {
+        let mut report = ProbeReport::default();
+        for _ in 0..count {
+            report.record(tcp_attempt_from_addr(source_ip, target, timeout));
+        }
+        report
+    })
+}
+
+/// One TCP connection from `ns` to `target` with source address `source_ip`.
+pub fn tcp_connect_once_from_addr(
+    ns: &str,
+    source_ip: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<Answer, ProbeError> {
+    in_netns(ns, || tcp_attempt_from_addr(source_ip, target, timeout))?
+}
+
+fn tcp_attempt_from_addr(
+    source_ip: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<Answer, ProbeError> {
+    let started = Instant::now();
+    let mut stream = connect_from_addr(SocketAddr::new(source_ip, 0), target, timeout)?;
+    let latency = started.elapsed();
+    stream
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(ProbeError::Io)?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(ProbeError::from_io)?;
+    parse_reply(&reply, latency)
+}
+
+/// Like `connect_from_port`, but binds a given local address (port 0: any).
+fn connect_from_addr(
+    local: SocketAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ProbeError> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
+    };
+    let family = match target {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let errno = |e: nix::errno::Errno| ProbeError::from_io(e.into());
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(errno)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(local),
+    )
+    .map_err(errno)?;
+    let stream = TcpStream::from(fd);
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(ProbeError::Io)?;
+    // SO_SNDTIMEO bounds a blocking connect(2) on Linux.
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&stream),
+        &SockaddrStorage::from(target),
+    )
+    .map_err(|e| match e {
+        nix::errno::Errno::EINPROGRESS => ProbeError::Timeout,
+        other => errno(other),
+    })?;
+    Ok(stream)
+}

@@ -47,6 +47,10 @@ fn node_ports(svc: &Value) -> Vec<u16> {
         .into_iter()
         .flatten()
         .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+        .chain(
+            svc.pointer("/spec/healthCheckNodePort")
+                .and_then(Value::as_u64),
+        )
         .filter_map(|p| u16::try_from(p).ok())
         .collect()
 }
@@ -178,6 +182,41 @@ impl ServiceAllocator {
             set_default(spec_map, "allocateLoadBalancerNodePorts", json!(true));
         }
         self.default_ports(spec_map, &old_spec, wants_node_ports)?;
+        // LoadBalancer + externalTrafficPolicy Local gets a healthCheckNodePort, kept across
+        // updates, as the real API server allocates it.
+        let etp_local = spec_map
+            .get("externalTrafficPolicy")
+            .and_then(Value::as_str)
+            == Some("Local");
+        if service_type == "LoadBalancer" && etp_local {
+            let given = spec_map
+                .get("healthCheckNodePort")
+                .and_then(Value::as_u64)
+                .filter(|p| *p > 0);
+            if given.is_none() {
+                let port = match old_spec
+                    .get("healthCheckNodePort")
+                    .and_then(Value::as_u64)
+                    .filter(|p| *p > 0)
+                {
+                    Some(p) => p as u16,
+                    None => {
+                        let taken: HashSet<u16> = spec_map
+                            .get("ports")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+                            .filter_map(|p| u16::try_from(p).ok())
+                            .collect();
+                        self.allocate_node_port(&taken)?
+                    }
+                };
+                spec_map.insert("healthCheckNodePort".into(), json!(port));
+            }
+        } else {
+            spec_map.remove("healthCheckNodePort");
+        }
         root.entry("status")
             .or_insert_with(|| json!({"loadBalancer": {}}));
         Ok(())
