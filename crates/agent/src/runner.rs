@@ -258,6 +258,14 @@ fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -
             );
             shared.health.updated(shared.family);
             sync_health_checks(shared, &report.health_checks);
+            // Stale UDP flows: only when UDP endpoints went away or appeared (or after a
+            // full sync), so an idle proxy never dumps the conntrack table.
+            if report.full
+                || !changes.stale_udp_endpoints.is_empty()
+                || !changes.udp_services_gained_endpoints.is_empty()
+            {
+                reconcile_conntrack(shared, &state);
+            }
             // Log rendering problems when they change, not on every sync.
             if let Ok(mut last) = shared.last_warnings.lock()
                 && *last != report.warnings
@@ -352,4 +360,32 @@ fn sync_health_checks(
         .map(|(k, (_, n))| ((k.namespace.clone(), k.name.clone()), *n))
         .collect();
     server.sync_endpoints(&counts);
+}
+
+/// Deletes UDP conntrack entries that still point at endpoints that are gone (or that
+/// were created while a service had none), over ctnetlink.
+fn reconcile_conntrack(shared: &Shared, state: &kp_model::ProxyState) {
+    let table = kp_conntrack::UdpServiceTable::from_state(state, shared.model_family);
+    if table.is_empty() {
+        return;
+    }
+    match kp_conntrack::reconcile(shared.model_family, &table) {
+        Ok(r) => {
+            shared
+                .proxier_metrics
+                .observe_conntrack_reconcile(r.duration, r.deleted as u64);
+            if r.deleted > 0 {
+                tracing::info!(
+                    family = shared.model_family.k8s_name(),
+                    listed = r.listed,
+                    deleted = r.deleted,
+                    elapsed_ms = r.duration.as_secs_f64() * 1000.0,
+                    "deleted stale UDP conntrack entries"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "conntrack reconcile failed; will retry after the next change")
+        }
+    }
 }
