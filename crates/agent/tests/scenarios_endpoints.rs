@@ -15,12 +15,10 @@ use std::time::{Duration, Instant};
 
 use kp_testkit::cluster::PodInfo;
 use kp_testkit::lab::{Lab, http_get, localhost, wait_for};
-use kp_testkit::netns::TopologySpec;
+use kp_testkit::netns::{TopologySpec, set_sysctls};
 use kp_testkit::podserver::sctp_supported;
-use kp_testkit::probe::{
-    ProbeError, ProbeReport, probe_tcp, probe_udp, tcp_connect_once, udp_request_once,
-    udp_send_only,
-};
+use kp_testkit::probe::{ProbeError, ProbeReport, probe_tcp, probe_udp};
+use kp_testkit::probe::{tcp_connect_once, udp_request_once, udp_send_only};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
@@ -35,29 +33,40 @@ const EXT_IP: &str = "198.18.0.2";
 // ---------------------------------------------------------------- harness helpers
 
 fn mode() -> String {
-    std::env::var("KP_PROXY_MODE")
-        .ok()
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| "iptables".into())
+    let mode = std::env::var("KP_PROXY_MODE").unwrap_or_default();
+    if mode.is_empty() {
+        "iptables".into()
+    } else {
+        mode
+    }
 }
 
 fn iptables_mode() -> bool {
     mode() == "iptables"
 }
 
+/// A lab whose nodes send ICMP errors without the kernel's per-host rate limit (1/s
+/// after a burst of 6), so every REJECT is seen at once, not after a SYN retransmit.
 fn new_lab(spec: TopologySpec) -> Lab {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests need root (network namespaces, netfilter)"
-    );
-    Lab::with_spec(spec).expect("lab")
+    assert!(nix::unistd::geteuid().is_root(), "these tests need root");
+    let lab = Lab::with_spec(spec).expect("lab");
+    for node in lab.topology().nodes() {
+        let mut off = vec![("net.ipv4.icmp_ratelimit", "0")];
+        if lab.topology().spec().dual_stack {
+            off.push(("net.ipv6.icmp.ratelimit", "0"));
+        }
+        set_sysctls(&node.ns, &off).expect("icmp rate limit off");
+    }
+    lab
 }
 
 /// One proxy per node, all with `--proxy-mode=<mode>` plus `extra`.
 fn start_proxies(lab: &mut Lab, extra: &[&str]) {
     let mode = format!("--proxy-mode={}", mode());
-    let mut args = vec![mode.as_str()];
-    args.extend_from_slice(extra);
+    let args: Vec<&str> = [mode.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
     for n in 1..=lab.topology().nodes().len() {
         lab.start_proxy(std::path::Path::new(BIN), n, &args)
             .expect("start proxy");
@@ -70,11 +79,8 @@ fn logs(lab: &Lab) -> String {
     for n in 1..=lab.topology().nodes().len() {
         let log = lab.proxy_log(n);
         let lines: Vec<&str> = log.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(40)..];
-        out.push_str(&format!(
-            "--- node{n} proxy log (tail) ---\n{}\n",
-            tail.join("\n")
-        ));
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        out.push_str(&format!("--- node{n} proxy log (tail) ---\n{tail}\n"));
     }
     out
 }
@@ -88,14 +94,11 @@ fn node_ip(lab: &Lab, n: usize) -> IpAddr {
 }
 
 fn cluster_ip(lab: &Lab, name: &str) -> IpAddr {
-    let svc = lab
-        .emulator
-        .get("v1", "Service", Some("default"), name)
-        .expect("service exists");
-    svc["spec"]["clusterIP"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("service has a clusterIP")
+    let svc = lab.emulator.get("v1", "Service", Some("default"), name);
+    let ip = svc
+        .as_ref()
+        .and_then(|s| s["spec"]["clusterIP"].as_str()?.parse().ok());
+    ip.expect("service with a clusterIP")
 }
 
 fn addr(ip: IpAddr, port: u16) -> SocketAddr {
@@ -106,13 +109,8 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-/// [`see_l4`] for TCP.
-fn see(lab: &Lab, from: &str, target: SocketAddr, want: &[&PodInfo], what: &str) -> ProbeReport {
-    see_l4(lab, from, target, L4::Tcp, want, what)
-}
-
-/// A Deployment whose pods serve `ports` (`(protocol, port)`), as JSON (valid YAML).
-fn deployment(name: &str, replicas: u32, ports: &[(&str, u16)]) -> String {
+/// A Deployment whose pods serve `ports` (`(protocol, port)`).
+fn deployment(name: &str, replicas: u32, ports: &[(&str, u16)]) -> Value {
     let ports: Vec<Value> = ports
         .iter()
         .map(|(proto, port)| json!({"containerPort": port, "protocol": proto}))
@@ -122,7 +120,28 @@ fn deployment(name: &str, replicas: u32, ports: &[(&str, u16)]) -> String {
         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
             "template": {"metadata": {"labels": {"app": name}},
                 "spec": {"containers": [{"name": name, "ports": ports}]}}}})
-    .to_string()
+}
+
+fn service(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+}
+
+/// A selector-less Service on port 80 (target 8080), with extra `spec` fields.
+fn selectorless(name: &str, extra: Value) -> Value {
+    let mut spec = json!({"ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    service(name, spec)
+}
+
+/// Stores `objects` through the mini control plane (which runs its controllers).
+fn apply(lab: &mut Lab, objects: &[Value]) {
+    let manifest: Vec<String> = objects.iter().map(Value::to_string).collect();
+    lab.cluster
+        .apply_manifest(&manifest.join("\n---\n"))
+        .expect("apply");
 }
 
 /// Pods of Deployment `name`, in creation order (round-robin: node1, node2, node1, ...).
@@ -137,28 +156,16 @@ fn pods_of(lab: &Lab, name: &str) -> Vec<PodInfo> {
     pods
 }
 
-/// EndpointSlice conditions.
-#[derive(Clone, Copy)]
-struct Cond {
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-const fn cond(ready: bool, serving: bool, terminating: bool) -> Cond {
-    Cond {
-        ready,
-        serving,
-        terminating,
-    }
-}
-const READY: Cond = cond(true, true, false);
-const NOT_READY: Cond = cond(false, false, false);
-const SERVING_TERMINATING: Cond = cond(false, true, true);
-const TERMINATING: Cond = cond(false, false, true);
+/// EndpointSlice conditions: (ready, serving, terminating).
+type Cond = (bool, bool, bool);
+const READY: Cond = (true, true, false);
+const NOT_READY: Cond = (false, false, false);
+const SERVING_TERMINATING: Cond = (false, true, true);
+const TERMINATING: Cond = (false, false, true);
 
-fn endpoint(pod: &PodInfo, ip: IpAddr, c: Cond) -> Value {
+fn endpoint(pod: &PodInfo, ip: IpAddr, (ready, serving, terminating): Cond) -> Value {
     json!({"addresses": [ip.to_string()],
-        "conditions": {"ready": c.ready, "serving": c.serving, "terminating": c.terminating},
+        "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
         "nodeName": pod.node,
         "targetRef": {"kind": "Pod", "namespace": pod.namespace, "name": pod.name}})
 }
@@ -176,7 +183,7 @@ fn hinted(mut ep: Value, zones: &[&str], nodes: &[&str]) -> Value {
     ep
 }
 
-/// An EndpointSlice for Service `service` (port 8080/TCP, unnamed) written by "us".
+/// An EndpointSlice for Service `service` (port 8080/TCP, unnamed), written by "us".
 fn slice(name: &str, service: &str, address_type: &str, endpoints: Vec<Value>) -> Value {
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "default", "labels": {
@@ -186,16 +193,6 @@ fn slice(name: &str, service: &str, address_type: &str, endpoints: Vec<Value>) -
         "ports": [{"name": "", "port": 8080, "protocol": "TCP"}]})
 }
 
-/// A selector-less Service on port 80 (target 8080), with extra `spec` fields.
-fn selectorless_service(name: &str, extra_spec: Value) -> Value {
-    let mut spec = json!({"ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]});
-    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
-        spec.extend(extra.clone());
-    }
-    json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"}, "spec": spec})
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum L4 {
     Tcp,
@@ -203,15 +200,23 @@ enum L4 {
 }
 
 fn probe(from: &str, target: SocketAddr, l4: L4, count: usize, timeout: Duration) -> ProbeReport {
-    match l4 {
+    let report = match l4 {
         L4::Tcp => probe_tcp(from, target, count, timeout),
         L4::Udp => probe_udp(from, target, count, timeout),
-    }
-    .expect("enter namespace")
+    };
+    report.expect("enter namespace")
 }
 
-fn names(pods: &[&PodInfo]) -> BTreeSet<String> {
-    pods.iter().map(|p| p.name.clone()).collect()
+fn one_probe(from: &str, target: SocketAddr, l4: L4, timeout: Duration) -> Result<(), ProbeError> {
+    match l4 {
+        L4::Tcp => tcp_connect_once(from, target, timeout).map(|_| ()),
+        L4::Udp => udp_request_once(from, target, timeout).map(|_| ()),
+    }
+}
+
+/// [`see_l4`] for TCP.
+fn see(lab: &Lab, from: &str, target: SocketAddr, want: &[&PodInfo], what: &str) -> ProbeReport {
+    see_l4(lab, from, target, L4::Tcp, want, what)
 }
 
 /// Waits until every probe from `from` to `target` is answered and the set of pods that
@@ -224,7 +229,7 @@ fn see_l4(
     want: &[&PodInfo],
     what: &str,
 ) -> ProbeReport {
-    let want = names(want);
+    let want: BTreeSet<String> = want.iter().map(|p| p.name.clone()).collect();
     let count = 20 * want.len().max(1);
     let matches = |r: &ProbeReport| {
         r.total_ok() == count && r.answers.keys().cloned().collect::<BTreeSet<_>>() == want
@@ -232,72 +237,52 @@ fn see_l4(
     let mut last = ProbeReport::default();
     let reached = wait_for(SETTLE, || {
         // One short probe first, so a path that is not programmed yet costs little.
-        let first = probe(from, target, l4, 1, SHORT);
-        if first.total_ok() != 1 {
-            last = first;
-            return None;
+        last = probe(from, target, l4, 1, SHORT);
+        if last.total_ok() == 1 {
+            last = probe(from, target, l4, count, T);
         }
-        last = probe(from, target, l4, count, T);
         matches(&last).then_some(())
     });
+    let log = || logs(lab);
     assert!(
         reached.is_some(),
-        "{what}: {l4:?} {target} never answered by exactly {want:?}; last sample: {last}\n{}",
-        logs(lab)
+        "{what}: {l4:?} {target} want {want:?}, got {last}\n{}",
+        log()
     );
     let r = probe(from, target, l4, count, T);
     assert!(
         matches(&r),
-        "{what}: {l4:?} {target}, want {want:?}: {r}\n{}",
-        logs(lab)
+        "{what}: {l4:?} {target} want {want:?}, got {r}\n{}",
+        log()
     );
     r
 }
 
-fn one_probe(from: &str, target: SocketAddr, l4: L4, timeout: Duration) -> Result<(), ProbeError> {
-    match l4 {
-        L4::Tcp => tcp_connect_once(from, target, timeout).map(|_| ()),
-        L4::Udp => udp_request_once(from, target, timeout).map(|_| ()),
-    }
-}
-
-/// Waits until probes are dropped (time out), then checks a few more are too.
-fn expect_dropped(lab: &Lab, from: &str, target: SocketAddr, l4: L4, what: &str) {
-    let dropped = wait_for(SETTLE, || {
-        matches!(one_probe(from, target, l4, SHORT), Err(ProbeError::Timeout)).then_some(())
+/// Waits until probes fail with `want` (Timeout: dropped; Refused: rejected), then
+/// checks a few more do too; refusals must come at once.
+fn expect_failure(lab: &Lab, from: &str, target: SocketAddr, l4: L4, want: &str, what: &str) {
+    let kind = |res: &Result<(), ProbeError>| match res {
+        Err(ProbeError::Timeout) => "Timeout",
+        Err(ProbeError::Refused) => "Refused",
+        Ok(()) => "answered",
+        Err(_) => "other error",
+    };
+    let timeout = if want == "Timeout" { SHORT } else { T };
+    let seen = wait_for(SETTLE, || {
+        (kind(&one_probe(from, target, l4, timeout)) == want).then_some(())
     });
     assert!(
-        dropped.is_some(),
-        "{what}: {target} never dropped\n{}",
+        seen.is_some(),
+        "{what}: {l4:?} {target} never {want}\n{}",
         logs(lab)
     );
-    for _ in 0..3 {
-        let res = one_probe(from, target, l4, SHORT);
-        assert!(
-            matches!(res, Err(ProbeError::Timeout)),
-            "{what}: {target}: {res:?}"
-        );
-    }
-}
-
-/// Waits until connections are refused, then checks a few more are refused at once.
-fn expect_refused(lab: &Lab, from: &str, target: SocketAddr, what: &str) {
-    let refused = wait_for(SETTLE, || {
-        matches!(tcp_connect_once(from, target, T), Err(ProbeError::Refused)).then_some(())
-    });
-    assert!(
-        refused.is_some(),
-        "{what}: {target} never refused\n{}",
-        logs(lab)
-    );
-    for _ in 0..3 {
+    for _ in 0..5 {
         let t0 = Instant::now();
-        let res = tcp_connect_once(from, target, T);
-        assert!(matches!(res, Err(ProbeError::Refused)), "{what}: {res:?}");
-        assert!(
-            t0.elapsed() < Duration::from_millis(200),
-            "{what}: slow refusal"
-        );
+        let res = one_probe(from, target, l4, timeout);
+        let took = t0.elapsed();
+        assert_eq!(kind(&res), want, "{what}: {l4:?} {target}: {res:?}");
+        let quick = want != "Refused" || took < Duration::from_millis(200);
+        assert!(quick, "{what}: {target} from {from}: refusal took {took:?}");
     }
 }
 
@@ -312,19 +297,14 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                .is_some_and(|r| r.starts_with([' ', '{']))
         })
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
-fn save(lab: &Lab, n: usize, v6: bool, table: &str) -> String {
-    let tool = if v6 {
-        "ip6tables-save"
-    } else {
-        "iptables-save"
-    };
+fn save(lab: &Lab, n: usize, tool: &str, table: &str) -> String {
     lab.topology()
         .exec_ok(&lab.node_ns(n), &[tool, "-t", table])
         .expect(tool)
@@ -340,6 +320,18 @@ fn label_zones(lab: &Lab, zones: &[&str]) {
     }
 }
 
+/// Writes slice `<svc>-1` of `svc` with one endpoint per pod, conditions in pod order.
+fn write_conditions(lab: &Lab, svc: &str, pods: &[PodInfo], conds: [Cond; 4]) {
+    let eps = pods
+        .iter()
+        .zip(conds)
+        .map(|(p, c)| endpoint(p, p.ip, c))
+        .collect();
+    lab.emulator
+        .apply(slice(&format!("{svc}-1"), svc, "IPv4", eps))
+        .expect("slice");
+}
+
 // ---------------------------------------------------------------- 1. conditions
 
 /// Ready endpoints only; with none ready the serving+terminating ones; never
@@ -347,52 +339,59 @@ fn label_zones(lab: &Lab, zones: &[&str]) {
 #[test]
 fn endpoint_conditions_ready_then_serving_terminating() {
     let mut lab = new_lab(TopologySpec::new(2));
-    lab.cluster
-        .apply_manifest(&deployment("cond", 4, &[("TCP", 8080)]))
-        .unwrap();
+    apply(&mut lab, &[deployment("cond", 4, &[("TCP", 8080)])]);
     let p = pods_of(&lab, "cond");
-    lab.emulator
-        .apply(selectorless_service("cond", json!({})))
-        .unwrap();
+    lab.emulator.apply(selectorless("cond", json!({}))).unwrap();
     start_proxies(&mut lab, &[]);
-    let write = |conds: [Cond; 4]| {
-        let eps = p
-            .iter()
-            .zip(conds)
-            .map(|(p, c)| endpoint(p, p.ip, c))
-            .collect();
-        lab.emulator
-            .apply(slice("cond-1", "cond", "IPv4", eps))
-            .unwrap();
-    };
-    write([READY, NOT_READY, SERVING_TERMINATING, TERMINATING]);
     let target = addr(cluster_ip(&lab, "cond"), 80);
-    let (ext, node2) = (ext(&lab), lab.node_ns(2));
-    for from in [&ext, &node2] {
+    let froms = [ext(&lab), lab.node_ns(2)];
+
+    write_conditions(
+        &lab,
+        "cond",
+        &p,
+        [READY, NOT_READY, SERVING_TERMINATING, TERMINATING],
+    );
+    for from in &froms {
         see(&lab, from, target, &[&p[0]], "only the ready endpoint");
     }
-
     // No endpoint ready: the serving+terminating ones take over, not-serving ones never.
-    write([
+    let conds = [
         SERVING_TERMINATING,
         NOT_READY,
         SERVING_TERMINATING,
         TERMINATING,
-    ]);
-    for from in [&ext, &node2] {
+    ];
+    write_conditions(&lab, "cond", &p, conds);
+    for from in &froms {
         see(&lab, from, target, &[&p[0], &p[2]], "terminating fallback");
     }
-
     // One becomes ready again: the terminating ones are no longer used.
-    write([SERVING_TERMINATING, READY, SERVING_TERMINATING, TERMINATING]);
-    for from in [&ext, &node2] {
+    write_conditions(
+        &lab,
+        "cond",
+        &p,
+        [SERVING_TERMINATING, READY, SERVING_TERMINATING, TERMINATING],
+    );
+    for from in &froms {
         see(&lab, from, target, &[&p[1]], "ready wins again");
     }
-
     // Nothing ready or serving: no usable endpoint, the ClusterIP is rejected.
-    write([TERMINATING, NOT_READY, TERMINATING, NOT_READY]);
-    for from in [&ext, &node2] {
-        expect_refused(&lab, from, target, "no serving endpoint");
+    write_conditions(
+        &lab,
+        "cond",
+        &p,
+        [TERMINATING, NOT_READY, TERMINATING, NOT_READY],
+    );
+    for from in &froms {
+        expect_failure(
+            &lab,
+            from,
+            target,
+            L4::Tcp,
+            "Refused",
+            "no serving endpoint",
+        );
     }
 }
 
@@ -402,56 +401,49 @@ fn endpoint_conditions_ready_then_serving_terminating() {
 #[test]
 fn endpoint_conditions_local_policy_falls_back_separately() {
     let mut lab = new_lab(TopologySpec::new(2));
-    lab.cluster
-        .apply_manifest(&deployment("lp", 4, &[("TCP", 8080)]))
-        .unwrap();
+    apply(&mut lab, &[deployment("lp", 4, &[("TCP", 8080)])]);
     let p = pods_of(&lab, "lp");
     assert_eq!((p[0].node.as_str(), p[1].node.as_str()), ("node1", "node2"));
     let spec = json!({"type": "NodePort", "externalTrafficPolicy": "Local",
         "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30081}]});
-    lab.emulator
-        .apply(selectorless_service("lp", spec))
-        .unwrap();
+    lab.emulator.apply(selectorless("lp", spec)).unwrap();
     start_proxies(&mut lab, &[]);
-    let write = |conds: [Cond; 4]| {
-        let eps = p
-            .iter()
-            .zip(conds)
-            .map(|(p, c)| endpoint(p, p.ip, c))
-            .collect();
-        lab.emulator
-            .apply(slice("lp-1", "lp", "IPv4", eps))
-            .unwrap();
-    };
-    // node1: p0 serving+terminating, p2 not ready. node2: p1 ready, p3 not ready.
-    write([SERVING_TERMINATING, READY, NOT_READY, NOT_READY]);
     let ext = ext(&lab);
     let cip = addr(cluster_ip(&lab, "lp"), 80);
-    let np1 = addr(node_ip(&lab, 1), 30081);
-    let np2 = addr(node_ip(&lab, 2), 30081);
+    let (np1, np2) = (addr(node_ip(&lab, 1), 30081), addr(node_ip(&lab, 2), 30081));
+    let client_kept = |r: &ProbeReport| {
+        let seen: Vec<&String> = r.sources_seen.keys().collect();
+        assert_eq!(
+            seen,
+            vec![EXT_IP],
+            "ETP Local keeps the client address: {r}"
+        );
+    };
 
+    // node1: p0 serving+terminating, p2 not ready. node2: p1 ready, p3 not ready.
+    write_conditions(
+        &lab,
+        "lp",
+        &p,
+        [SERVING_TERMINATING, READY, NOT_READY, NOT_READY],
+    );
     see(&lab, &ext, cip, &[&p[1]], "cluster set: the ready endpoint");
-    let r = see(
+    client_kept(&see(
         &lab,
         &ext,
         np1,
         &[&p[0]],
         "node1 local set: terminating fallback",
-    );
-    assert_eq!(
-        r.sources_seen.keys().collect::<Vec<_>>(),
-        vec![EXT_IP],
-        "ETP Local keeps the client IP: {r}"
-    );
-    let r = see(&lab, &ext, np2, &[&p[1]], "node2 local set: ready");
-    assert_eq!(
-        r.sources_seen.keys().collect::<Vec<_>>(),
-        vec![EXT_IP],
-        "ETP Local keeps the client IP: {r}"
-    );
+    ));
+    client_kept(&see(&lab, &ext, np2, &[&p[1]], "node2 local set: ready"));
 
     // p1 stops serving: the cluster set falls back to p0; node2 has nothing local.
-    write([SERVING_TERMINATING, TERMINATING, NOT_READY, NOT_READY]);
+    write_conditions(
+        &lab,
+        "lp",
+        &p,
+        [SERVING_TERMINATING, TERMINATING, NOT_READY, NOT_READY],
+    );
     see(
         &lab,
         &ext,
@@ -460,8 +452,15 @@ fn endpoint_conditions_local_policy_falls_back_separately() {
         "cluster set: terminating fallback",
     );
     see(&lab, &lab.node_ns(2), cip, &[&p[0]], "node2 cluster set");
-    see(&lab, &ext, np1, &[&p[0]], "node1 local set unchanged");
-    expect_dropped(&lab, &ext, np2, L4::Tcp, "node2 without local endpoints");
+    client_kept(&see(&lab, &ext, np1, &[&p[0]], "node1 local set unchanged"));
+    expect_failure(
+        &lab,
+        &ext,
+        np2,
+        L4::Tcp,
+        "Timeout",
+        "node2 without local endpoints",
+    );
 }
 
 // ---------------------------------------------------------------- 2. topology hints
@@ -473,37 +472,26 @@ fn endpoint_conditions_local_policy_falls_back_separately() {
 fn topology_zone_hints() {
     let mut lab = new_lab(TopologySpec::new(2));
     label_zones(&lab, &["zone-a", "zone-b"]);
-    lab.cluster
-        .apply_manifest(&deployment("zonal", 4, &[("TCP", 8080)]))
-        .unwrap();
+    apply(&mut lab, &[deployment("zonal", 4, &[("TCP", 8080)])]);
     let p = pods_of(&lab, "zonal");
-    let zone_of = |pod: &PodInfo| {
-        if pod.node == "node1" {
-            "zone-a"
-        } else {
-            "zone-b"
-        }
-    };
-    lab.emulator
-        .apply(selectorless_service(
-            "zonal",
-            json!({"trafficDistribution": "PreferClose"}),
-        ))
-        .unwrap();
+    let svc = selectorless("zonal", json!({"trafficDistribution": "PreferClose"}));
+    lab.emulator.apply(svc).unwrap();
     start_proxies(&mut lab, &[]);
     let write = |unhinted: Option<usize>| {
-        let eps = p
-            .iter()
-            .enumerate()
-            .map(|(i, pod)| {
-                let ep = endpoint(pod, pod.ip, READY);
-                if Some(i) == unhinted {
-                    ep
-                } else {
-                    hinted(ep, &[zone_of(pod)], &[])
-                }
-            })
-            .collect();
+        let ep = |(i, pod): (usize, &PodInfo)| {
+            let zone = if pod.node == "node1" {
+                "zone-a"
+            } else {
+                "zone-b"
+            };
+            let ep = endpoint(pod, pod.ip, READY);
+            if Some(i) == unhinted {
+                ep
+            } else {
+                hinted(ep, &[zone], &[])
+            }
+        };
+        let eps = p.iter().enumerate().map(ep).collect();
         lab.emulator
             .apply(slice("zonal-1", "zonal", "IPv4", eps))
             .unwrap();
@@ -511,8 +499,7 @@ fn topology_zone_hints() {
     write(None);
     let target = addr(cluster_ip(&lab, "zonal"), 80);
     let (ext, node1, node2) = (ext(&lab), lab.node_ns(1), lab.node_ns(2));
-    let zone_a = [&p[0], &p[2]];
-    let zone_b = [&p[1], &p[3]];
+    let (zone_a, zone_b) = ([&p[0], &p[2]], [&p[1], &p[3]]);
     see(&lab, &node1, target, &zone_a, "node1 (OUTPUT), zone-a");
     see(
         &lab,
@@ -543,32 +530,24 @@ fn topology_zone_hints() {
 fn topology_same_node_hints() {
     let mut lab = new_lab(TopologySpec::new(2));
     label_zones(&lab, &["zone-a", "zone-b"]);
-    lab.cluster
-        .apply_manifest(&deployment("samenode", 4, &[("TCP", 8080)]))
-        .unwrap();
+    apply(&mut lab, &[deployment("samenode", 4, &[("TCP", 8080)])]);
     let p = pods_of(&lab, "samenode");
-    lab.emulator
-        .apply(selectorless_service(
-            "samenode",
-            json!({"trafficDistribution": "PreferSameNode"}),
-        ))
-        .unwrap();
+    let svc = selectorless("samenode", json!({"trafficDistribution": "PreferSameNode"}));
+    lab.emulator.apply(svc).unwrap();
     start_proxies(&mut lab, &[]);
     // Zone hints all say zone-a, so zone-based routing would send node1 everywhere and
     // node2 (zone-b, no endpoint for it) everywhere too: only node hints restrict.
     let write = |without_node_hint: Option<usize>| {
-        let eps = p
-            .iter()
-            .enumerate()
-            .map(|(i, pod)| {
-                let nodes: &[&str] = if Some(i) == without_node_hint {
-                    &[]
-                } else {
-                    &[pod.node.as_str()]
-                };
-                hinted(endpoint(pod, pod.ip, READY), &["zone-a"], nodes)
-            })
-            .collect();
+        let ep = |(i, pod): (usize, &PodInfo)| {
+            let node = [pod.node.as_str()];
+            let nodes: &[&str] = if Some(i) == without_node_hint {
+                &[]
+            } else {
+                &node
+            };
+            hinted(endpoint(pod, pod.ip, READY), &["zone-a"], nodes)
+        };
+        let eps = p.iter().enumerate().map(ep).collect();
         lab.emulator
             .apply(slice("samenode-1", "samenode", "IPv4", eps))
             .unwrap();
@@ -599,38 +578,47 @@ fn topology_same_node_hints() {
 
 // ---------------------------------------------------------------- 3. protocols
 
-/// TCP and UDP ClusterIP and NodePort services reach the right pods; the same port
-/// number with two protocols is two services ports. SCTP by rules only.
+/// TCP and UDP ClusterIP and NodePort services reach the right pods; one port number
+/// with two protocols is two service ports. SCTP by rules only.
 #[test]
 fn protocols_tcp_udp_and_sctp_rules() {
     let mut lab = new_lab(TopologySpec::new(2));
     start_proxies(&mut lab, &[]);
-    let manifest = [
-        deployment("web", 2, &[("TCP", 8080)]),
-        deployment("dns", 2, &[("UDP", 5353), ("TCP", 5353)]),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"type": "NodePort", "selector": {"app": "web"}, "ports": [
-                {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}]}})
-        .to_string(),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dns", "namespace": "default"},
-            "spec": {"type": "NodePort", "selector": {"app": "dns"}, "ports": [
-                {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
-                {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP", "nodePort": 30054}]}})
-        .to_string(),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sctp", "namespace": "default"},
-            "spec": {"type": "NodePort", "selector": {"app": "web"}, "ports": [
-                {"name": "sctp", "port": 7777, "targetPort": 7777, "protocol": "SCTP", "nodePort": 30077}]}})
-        .to_string(),
-    ]
-    .join("\n---\n");
-    lab.cluster.apply_manifest(&manifest).unwrap();
-    let web = pods_of(&lab, "web");
-    let dns = pods_of(&lab, "dns");
+    let port = |name: &str, port: u16, target: u16, proto: &str, node_port: u16| {
+        json!({"name": name, "port": port, "targetPort": target, "protocol": proto,
+            "nodePort": node_port})
+    };
+    let node_port = |app: &str, ports: Vec<Value>| json!({"type": "NodePort", "selector": {"app": app}, "ports": ports});
+    apply(
+        &mut lab,
+        &[
+            deployment("web", 2, &[("TCP", 8080)]),
+            deployment("dns", 2, &[("UDP", 5353), ("TCP", 5353)]),
+            service(
+                "web",
+                node_port("web", vec![port("http", 80, 8080, "TCP", 30080)]),
+            ),
+            service(
+                "dns",
+                node_port(
+                    "dns",
+                    vec![
+                        port("dns", 53, 5353, "UDP", 30053),
+                        port("dns-tcp", 53, 5353, "TCP", 30054),
+                    ],
+                ),
+            ),
+            service(
+                "sctp",
+                node_port("web", vec![port("sctp", 7777, 7777, "SCTP", 30077)]),
+            ),
+        ],
+    );
+    let (web, dns) = (pods_of(&lab, "web"), pods_of(&lab, "dns"));
     let (web, dns): (Vec<&PodInfo>, Vec<&PodInfo>) = (web.iter().collect(), dns.iter().collect());
     let ext = ext(&lab);
     let (web_ip, dns_ip) = (cluster_ip(&lab, "web"), cluster_ip(&lab, "dns"));
     let (n1, n2) = (node_ip(&lab, 1), node_ip(&lab, 2));
-
     for (target, l4, want, what) in [
         (addr(web_ip, 80), L4::Tcp, &web, "web ClusterIP tcp"),
         (addr(dns_ip, 53), L4::Udp, &dns, "dns ClusterIP udp"),
@@ -649,41 +637,40 @@ fn protocols_tcp_udp_and_sctp_rules() {
 
     // SCTP: this kernel has no SCTP sockets (no pod can listen, no client can connect),
     // so SCTP traffic cannot be tested here; the rules are checked instead.
-    let sctp_ip = cluster_ip(&lab, "sctp").to_string();
     if !sctp_supported(&lab.node_ns(1)).unwrap_or(false) {
         eprintln!("SCTP sockets unsupported by this kernel: SCTP checked by rules only");
     }
-    if iptables_mode() {
-        for n in [1, 2] {
-            let nat = wait_for(SETTLE, || {
-                let nat = save(&lab, n, false, "nat");
-                let dnat_to = |pod: &&PodInfo| {
-                    nat.lines().any(|l| {
-                        l.contains("-p sctp")
-                            && l.contains("-j DNAT")
-                            && l.contains(&format!("--to-destination {}:7777", pod.ip))
-                    })
-                };
-                let service = nat.lines().any(|l| {
-                    l.starts_with("-A KUBE-SERVICES")
-                        && l.contains(&format!("-d {sctp_ip}/32"))
+    if !iptables_mode() {
+        return;
+    }
+    let sctp_ip = cluster_ip(&lab, "sctp");
+    for n in [1, 2] {
+        let has_rules = |nat: &str| {
+            let rule = |start: &str, parts: &[String]| {
+                nat.lines().any(|l| {
+                    l.starts_with(start)
                         && l.contains("-p sctp")
-                        && l.contains("--dport 7777")
-                });
-                let nodeport = nat.lines().any(|l| {
-                    l.starts_with("-A KUBE-NODEPORTS")
-                        && l.contains("-p sctp")
-                        && l.contains("--dport 30077")
-                });
-                (service && nodeport && web.iter().all(dnat_to)).then_some(nat)
-            });
-            assert!(
-                nat.is_some(),
-                "node{n}: SCTP rules missing:\n{}\n{}",
-                save(&lab, n, false, "nat"),
-                logs(&lab)
-            );
-        }
+                        && parts.iter().all(|p| l.contains(p.as_str()))
+                })
+            };
+            rule(
+                "-A KUBE-SERVICES",
+                &[format!("-d {sctp_ip}/32"), "--dport 7777".into()],
+            ) && rule("-A KUBE-NODEPORTS", &["--dport 30077".into()])
+                && web.iter().all(|pod| {
+                    let dnat = format!("-j DNAT --to-destination {}:7777", pod.ip);
+                    rule("-A KUBE-SEP-", &[dnat])
+                })
+        };
+        let ok = wait_for(SETTLE, || {
+            has_rules(&save(&lab, n, "iptables-save", "nat")).then_some(())
+        });
+        let nat = save(&lab, n, "iptables-save", "nat");
+        assert!(
+            ok.is_some(),
+            "node{n}: SCTP rules missing:\n{nat}\n{}",
+            logs(&lab)
+        );
     }
 }
 
@@ -695,53 +682,48 @@ fn protocols_tcp_udp_and_sctp_rules() {
 #[test]
 fn ignored_services_and_slices_change_nothing() {
     let mut lab = new_lab(TopologySpec::new(2));
-    let svc = |name: &str, labels: Value, spec: Value| {
-        json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "default", "labels": labels}, "spec": spec})
-        .to_string()
-    };
-    let port = json!([{"port": 80, "targetPort": 8080, "protocol": "TCP"}]);
-    let manifest = [
-        deployment("normal", 2, &[("TCP", 8080)]),
-        deployment("decoy", 2, &[("TCP", 8080)]),
-        svc(
-            "normal",
-            json!({}),
-            json!({"selector": {"app": "normal"}, "ports": port}),
-        ),
-        svc(
-            "headless",
-            json!({}),
-            json!({"clusterIP": "None", "selector": {"app": "decoy"}, "ports": port}),
-        ),
-        svc(
-            "extname",
-            json!({}),
-            json!({"type": "ExternalName", "externalName": "example.com", "ports": port}),
-        ),
-        svc(
-            "other-proxy",
-            json!({"service.kubernetes.io/service-proxy-name": "other"}),
-            json!({"type": "NodePort", "clusterIP": "10.96.200.3", "selector": {"app": "decoy"},
-                "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30099}]}),
-        ),
-    ]
-    .join("\n---\n");
-    lab.cluster.apply_manifest(&manifest).unwrap();
-    let normal = pods_of(&lab, "normal");
-    let decoy = pods_of(&lab, "decoy");
+    let ports = json!([{"port": 80, "targetPort": 8080, "protocol": "TCP"}]);
+    let mut other_proxy = service(
+        "other-proxy",
+        json!({"type": "NodePort",
+        "clusterIP": "10.96.200.3", "selector": {"app": "decoy"},
+        "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30099}]}),
+    );
+    other_proxy["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "other"});
+    apply(
+        &mut lab,
+        &[
+            deployment("normal", 2, &[("TCP", 8080)]),
+            deployment("decoy", 2, &[("TCP", 8080)]),
+            service(
+                "normal",
+                json!({"selector": {"app": "normal"}, "ports": ports}),
+            ),
+            service(
+                "headless",
+                json!({"clusterIP": "None", "selector": {"app": "decoy"}, "ports": ports}),
+            ),
+            service(
+                "extname",
+                json!({"type": "ExternalName", "externalName": "example.com", "ports": ports}),
+            ),
+            other_proxy,
+        ],
+    );
+    let (normal, decoy) = (pods_of(&lab, "normal"), pods_of(&lab, "decoy"));
     // Slices that name the normal Service but must be ignored, each with a decoy pod.
     let decoy_ep = |i: usize| endpoint(&decoy[i], decoy[i].ip, READY);
     let mut headless_labelled = slice("normal-headless", "normal", "IPv4", vec![decoy_ep(0)]);
     headless_labelled["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
     let mut orphan = slice("normal-orphan", "normal", "IPv4", vec![decoy_ep(1)]);
     orphan["metadata"]["labels"] = json!({});
-    orphan["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Service", "name": "normal", "uid": "x", "controller": true}]);
+    orphan["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "v1", "kind": "Service", "name": "normal", "uid": "x"}]);
     // An IP is a valid DNS subdomain, so an FQDN slice can carry one.
     let fqdn = slice("normal-fqdn", "normal", "FQDN", vec![decoy_ep(0)]);
-    for s in [headless_labelled, orphan] {
-        lab.emulator.apply(s).unwrap();
-    }
+    lab.emulator.apply(headless_labelled).unwrap();
+    lab.emulator.apply(orphan).unwrap();
     start_proxies(&mut lab, &[]);
     let ext = ext(&lab);
     let target = addr(cluster_ip(&lab, "normal"), 80);
@@ -749,22 +731,18 @@ fn ignored_services_and_slices_change_nothing() {
     see(&lab, &ext, target, &want, "normal service");
 
     // Later additions go through the watch path: an FQDN slice, then a barrier Service
-    // with its own slice, which proves the proxy has seen everything before it.
+    // with its own slice, which shows the proxy has seen what came before.
     lab.emulator.apply(fqdn).unwrap();
     lab.emulator
-        .apply(selectorless_service(
-            "barrier",
-            json!({"clusterIP": "10.96.200.9"}),
-        ))
+        .apply(selectorless("barrier", json!({"clusterIP": "10.96.200.9"})))
         .unwrap();
-    lab.emulator
-        .apply(slice(
-            "barrier-1",
-            "barrier",
-            "IPv4",
-            vec![endpoint(&normal[0], normal[0].ip, READY)],
-        ))
-        .unwrap();
+    let barrier = slice(
+        "barrier-1",
+        "barrier",
+        "IPv4",
+        vec![endpoint(&normal[0], normal[0].ip, READY)],
+    );
+    lab.emulator.apply(barrier).unwrap();
     see(&lab, &ext, sa("10.96.200.9:80"), &[&normal[0]], "barrier");
     for from in [ext.clone(), lab.node_ns(2)] {
         see(
@@ -775,39 +753,33 @@ fn ignored_services_and_slices_change_nothing() {
             "normal service, after ignored objects",
         );
     }
-    for (target, what) in [
-        (sa("10.96.200.3:80"), "other-proxy ClusterIP"),
-        (addr(node_ip(&lab, 1), 30099), "other-proxy NodePort"),
-    ] {
+    for target in [sa("10.96.200.3:80"), addr(node_ip(&lab, 1), 30099)] {
         let res = tcp_connect_once(&ext, target, SHORT);
         assert!(
             res.is_err(),
-            "{what} must not be served by this proxy: {res:?}"
+            "other-proxy {target} served by this proxy: {res:?}"
         );
     }
-    if iptables_mode() {
-        for n in [1, 2] {
-            let rules = format!(
-                "{}\n{}",
-                save(&lab, n, false, "nat"),
-                save(&lab, n, false, "filter")
+    if !iptables_mode() {
+        return;
+    }
+    let mut forbidden: Vec<String> = ["10.96.200.3", "30099", "example.com"]
+        .map(String::from)
+        .into();
+    forbidden.extend(["headless", "extname", "other-proxy"].map(|s| format!("default/{s}")));
+    forbidden.extend(
+        decoy
+            .iter()
+            .flat_map(|p| [format!("{}:", p.ip), format!("{}/32", p.ip)]),
+    );
+    for n in [1, 2] {
+        let rules =
+            save(&lab, n, "iptables-save", "nat") + &save(&lab, n, "iptables-save", "filter");
+        for f in &forbidden {
+            assert!(
+                !rules.contains(f.as_str()),
+                "node{n}: rules mention {f}:\n{rules}"
             );
-            let mut forbidden: Vec<String> = decoy.iter().map(|p| format!("{}:", p.ip)).collect();
-            forbidden.extend(decoy.iter().map(|p| format!("{}/32", p.ip)));
-            forbidden.extend(
-                [
-                    "10.96.200.3",
-                    "30099",
-                    "default/headless",
-                    "default/extname",
-                    "default/other-proxy",
-                    "example.com",
-                ]
-                .map(String::from),
-            );
-            for f in forbidden {
-                assert!(!rules.contains(&f), "node{n}: rules mention {f}:\n{rules}");
-            }
         }
     }
 }
@@ -833,22 +805,25 @@ fn dual_stack_services() {
             .contains(&v6_pod_cidr)
     );
     start_proxies(&mut lab, &["--cluster-cidr=10.244.0.0/16,fd44::/48"]);
-    let port = json!([{"name": "web", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30090}]);
-    let manifest = [
-        deployment("ds", 2, &[("TCP", 8080)]),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ds", "namespace": "default"},
-            "spec": {"type": "NodePort", "selector": {"app": "ds"}, "ipFamilyPolicy": "RequireDualStack",
-                "ipFamilies": ["IPv4", "IPv6"], "clusterIP": "10.96.100.10",
-                "clusterIPs": ["10.96.100.10", "fd96::10"], "ports": port}})
-        .to_string(),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "v6only", "namespace": "default"},
-            "spec": {"selector": {"app": "ds"}, "ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv6"],
-                "clusterIP": "fd96::20", "clusterIPs": ["fd96::20"],
-                "ports": [{"port": 81, "targetPort": 8080, "protocol": "TCP"}]}})
-        .to_string(),
-    ]
-    .join("\n---\n");
-    lab.cluster.apply_manifest(&manifest).unwrap();
+    apply(
+        &mut lab,
+        &[
+            deployment("ds", 2, &[("TCP", 8080)]),
+            service(
+                "ds",
+                json!({"type": "NodePort", "selector": {"app": "ds"},
+            "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
+            "clusterIP": "10.96.100.10", "clusterIPs": ["10.96.100.10", "fd96::10"],
+            "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30090}]}),
+            ),
+            service(
+                "v6only",
+                json!({"selector": {"app": "ds"}, "ipFamilyPolicy": "SingleStack",
+            "ipFamilies": ["IPv6"], "clusterIP": "fd96::20", "clusterIPs": ["fd96::20"],
+            "ports": [{"port": 81, "targetPort": 8080, "protocol": "TCP"}]}),
+            ),
+        ],
+    );
     let pods = pods_of(&lab, "ds");
     assert!(pods.iter().all(|p| p.ipv6.is_some()), "pods are dual-stack");
     let want: Vec<&PodInfo> = pods.iter().collect();
@@ -863,16 +838,14 @@ fn dual_stack_services() {
     ] {
         let r = see(&lab, &ext, target, &want, what);
         // Off-cluster clients are masqueraded to a node address.
-        assert!(
-            r.sources_seen.keys().all(|s| s != "fd18::2"),
-            "{what}: not masqueraded: {r}"
-        );
+        let masqueraded = r.sources_seen.keys().all(|s| s != "fd18::2" && s != EXT_IP);
+        assert!(masqueraded, "{what}: not masqueraded: {r}");
     }
 
     // From a pod: the other pod sees the pod's own IPv6 address; itself (hairpin) sees
     // the node's bridge address.
     let (me, other) = (&pods[0], &pods[1]);
-    let me_v6 = me.ipv6.unwrap().to_string();
+    assert_eq!(me.node, "node1");
     let bridge_v6 = lab
         .topology()
         .node(1)
@@ -880,7 +853,6 @@ fn dual_stack_services() {
         .bridge_ipv6
         .unwrap()
         .to_string();
-    assert_eq!(me.node, "node1");
     let r = see(
         &lab,
         &me.netns,
@@ -888,27 +860,26 @@ fn dual_stack_services() {
         &want,
         "pod to IPv6 ClusterIP",
     );
-    let seen = |ip: &str| r.sources_seen.get(ip).copied().unwrap_or(0);
-    assert_eq!(
-        seen(&me_v6),
-        r.answers[&other.name],
-        "not masqueraded to the other pod: {r}"
+    let seen = |ip: String| r.sources_seen.get(&ip).copied().unwrap_or(0);
+    let not_masqueraded = seen(me.ipv6.unwrap().to_string()) == r.answers[&other.name];
+    assert!(
+        not_masqueraded,
+        "pod-to-pod over the IPv6 ClusterIP is not masqueraded: {r}"
     );
     assert_eq!(
-        seen(&bridge_v6),
+        seen(bridge_v6),
         r.answers[&me.name],
-        "hairpin masqueraded: {r}"
+        "hairpin is masqueraded: {r}"
     );
 
     if iptables_mode() {
-        let nat6 = save(&lab, 1, true, "nat");
+        let nat6 = save(&lab, 1, "ip6tables-save", "nat");
+        let both = nat6.contains("-d fd96::10/128") && nat6.contains("-d fd96::20/128");
+        assert!(both, "IPv6 ClusterIP rules missing:\n{nat6}");
+        let nat4 = save(&lab, 1, "iptables-save", "nat");
         assert!(
-            nat6.contains("-d fd96::10/128") && nat6.contains("-d fd96::20/128"),
-            "{nat6}"
-        );
-        assert!(
-            !save(&lab, 1, false, "nat").contains("fd96::"),
-            "IPv6 rules in the IPv4 table"
+            !nat4.contains("fd96::"),
+            "IPv6 rules in the IPv4 table:\n{nat4}"
         );
     }
 }
@@ -920,16 +891,16 @@ fn metrics_and_events() {
     let mut lab = new_lab(TopologySpec::new(2));
     start_proxies(&mut lab, &[]);
     // Created after the proxies started, so the slices' trigger times count.
-    lab.cluster
-        .apply_manifest(&deployment("mx", 2, &[("TCP", 8080)]))
-        .unwrap();
-    lab.cluster
-        .apply_manifest(
-            &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mx", "namespace": "default"},
-                "spec": {"selector": {"app": "mx"}, "ports": [{"port": 80, "targetPort": 8080}]}})
-            .to_string(),
-        )
-        .unwrap();
+    apply(
+        &mut lab,
+        &[
+            deployment("mx", 2, &[("TCP", 8080)]),
+            service(
+                "mx",
+                json!({"selector": {"app": "mx"}, "ports": [{"port": 80, "targetPort": 8080}]}),
+            ),
+        ],
+    );
     let ext = ext(&lab);
     let target = addr(cluster_ip(&lab, "mx"), 80);
     see(
@@ -950,15 +921,12 @@ fn metrics_and_events() {
 
     let m = metrics(&lab, 1);
     if iptables_mode() {
-        let nat_rules = metric(
+        let nat = metric(
             &m,
             "kubeproxy_sync_proxy_rules_iptables_last",
             &["table=\"nat\""],
         );
-        assert!(
-            nat_rules > 0.0,
-            "iptables_last{{table=nat}} = {nat_rules}\n{m}"
-        );
+        assert!(nat > 0.0, "iptables_last{{table=nat}} = {nat}\n{m}");
     }
     let npd = metric(
         &m,
@@ -979,22 +947,21 @@ fn metrics_and_events() {
         assert_eq!(
             after - before,
             5.0,
-            "{name}{{code=200}} counts the 5 requests to {path}"
+            "{name}{{code=200}} counts the 5 GET {path}"
         );
     }
 
     for node in ["node1", "node2"] {
+        let starting = |e: &Value| {
+            let on = if e["regarding"].is_object() {
+                &e["regarding"]
+            } else {
+                &e["involvedObject"]
+            };
+            e["reason"] == "Starting" && on["kind"] == "Node" && on["name"] == node
+        };
         let ev = wait_for(Duration::from_secs(10), || {
-            lab.emulator.events().into_iter().find(|e| {
-                let regarding = if e["regarding"].is_object() {
-                    &e["regarding"]
-                } else {
-                    &e["involvedObject"]
-                };
-                e["reason"] == "Starting"
-                    && regarding["kind"] == "Node"
-                    && regarding["name"] == node
-            })
+            lab.emulator.events().into_iter().find(starting)
         });
         assert!(
             ev.is_some(),
@@ -1006,7 +973,7 @@ fn metrics_and_events() {
 
 // ---------------------------------------------------------------- 7. stale UDP conntrack
 
-/// A one-way UDP sender from a fixed source port in ext, until stopped.
+/// A one-way UDP sender from a fixed source port in ext, until dropped.
 struct Sender {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicUsize>,
@@ -1022,6 +989,7 @@ impl Sender {
         let (stop2, sent2) = (stop.clone(), sent.clone());
         let thread = std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
+                // Each call opens a socket on the same port: one 5-tuple, one flow.
                 if let Ok(n) = udp_send_only(&ns, Some(source_port), target, 5) {
                     sent2.fetch_add(n, Ordering::Relaxed);
                 }
@@ -1048,28 +1016,29 @@ impl Drop for Sender {
 fn udp_received(lab: &Lab, pod: &str) -> u64 {
     lab.cluster
         .pod_server("default", pod)
-        .map(|s| s.udp_received())
-        .unwrap_or(0)
+        .map_or(0, |s| s.udp_received())
 }
 
-fn udp_service(lab: &mut Lab, name: &str, replicas: u32) {
-    let manifest = [
-        deployment(name, replicas, &[("UDP", 5353)]),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"selector": {"app": name}, "ports": [{"port": 53, "targetPort": 5353, "protocol": "UDP"}]}})
-        .to_string(),
-    ]
-    .join("\n---\n");
-    lab.cluster.apply_manifest(&manifest).unwrap();
+fn udp_service(lab: &mut Lab, name: &str, replicas: u32) -> SocketAddr {
+    let ports = json!([{"port": 53, "targetPort": 5353, "protocol": "UDP"}]);
+    apply(
+        lab,
+        &[
+            deployment(name, replicas, &[("UDP", 5353)]),
+            service(name, json!({"selector": {"app": name}, "ports": ports})),
+        ],
+    );
+    addr(cluster_ip(lab, name), 53)
 }
 
-fn expect_receives(lab: &Lab, pod: &str, within: Duration, sender: &Sender, what: &str) {
+fn expect_receives(lab: &Lab, pod: &str, sender: &Sender, what: &str) {
+    let within = Duration::from_secs(8);
     let got = wait_for(within, || (udp_received(lab, pod) > 0).then_some(()));
+    let sent = sender.sent.load(Ordering::Relaxed);
+    let log = logs(lab);
     assert!(
         got.is_some(),
-        "{what}: {pod} received nothing within {within:?} ({} datagrams sent)\n{}",
-        sender.sent.load(Ordering::Relaxed),
-        logs(lab)
+        "{what}: {pod} got nothing in {within:?} ({sent} sent)\n{log}"
     );
 }
 
@@ -1079,8 +1048,7 @@ fn expect_receives(lab: &Lab, pod: &str, within: Duration, sender: &Sender, what
 fn stale_udp_conntrack_replaced_endpoint() {
     let mut lab = new_lab(TopologySpec::new(2));
     start_proxies(&mut lab, &[]);
-    udp_service(&mut lab, "udp", 1);
-    let target = addr(cluster_ip(&lab, "udp"), 53);
+    let target = udp_service(&mut lab, "udp", 1);
     let ext = ext(&lab);
     let old = pods_of(&lab, "udp").remove(0);
     see_l4(&lab, &ext, target, L4::Udp, &[&old], "udp service");
@@ -1100,13 +1068,7 @@ fn stale_udp_conntrack_replaced_endpoint() {
     lab.cluster.scale("default", "udp", 1).unwrap();
     let new = pods_of(&lab, "udp").remove(0);
     assert_ne!(new.ip, old.ip, "the replacement has a new address");
-    expect_receives(
-        &lab,
-        &new.name,
-        Duration::from_secs(8),
-        &sender,
-        "after replacing the pod",
-    );
+    expect_receives(&lab, &new.name, &sender, "after replacing the pod");
     drop(sender);
 
     let m = metrics(&lab, 1);
@@ -1127,32 +1089,21 @@ fn stale_udp_conntrack_replaced_endpoint() {
 fn stale_udp_conntrack_zero_to_n() {
     let mut lab = new_lab(TopologySpec::new(2));
     start_proxies(&mut lab, &[]);
-    udp_service(&mut lab, "udp0", 0);
-    let target = addr(cluster_ip(&lab, "udp0"), 53);
+    let target = udp_service(&mut lab, "udp0", 0);
     let ext = ext(&lab);
-    // The proxy has programmed the empty service (UDP to it is refused or dropped).
-    let settled = wait_for(SETTLE, || {
-        matches!(
-            udp_request_once(&ext, target, SHORT),
-            Err(ProbeError::Refused)
-        )
-        .then_some(())
-    });
-    assert!(
-        settled.is_some(),
-        "service without endpoints never rejected\n{}",
-        logs(&lab)
+    // The proxy has programmed the service without endpoints: UDP to it is rejected.
+    expect_failure(
+        &lab,
+        &ext,
+        target,
+        L4::Udp,
+        "Refused",
+        "udp0 without endpoints",
     );
 
     let sender = Sender::start(ext.clone(), 40001, target);
     std::thread::sleep(Duration::from_secs(2));
     lab.cluster.scale("default", "udp0", 1).unwrap();
     let pod = pods_of(&lab, "udp0").remove(0);
-    expect_receives(
-        &lab,
-        &pod.name,
-        Duration::from_secs(8),
-        &sender,
-        "0 -> 1 endpoints",
-    );
+    expect_receives(&lab, &pod.name, &sender, "0 -> 1 endpoints");
 }
