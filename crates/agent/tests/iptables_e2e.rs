@@ -826,3 +826,31 @@ fn client_certificate_kubeconfig_works() {
         "no unauthorised requests"
     );
 }
+
+#[test]
+fn external_ips_reach_the_pods() {
+    let manifest = REDIS.replace(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  externalIPs: [203.0.113.50]\n",
+    );
+    let lab = lab_with_proxy(&manifest, &[]);
+    let ext = lab.topology().ext().ns.clone();
+    let node_ip = lab.topology().node(1).unwrap().ip.to_string();
+    lab.topology()
+        .exec_ok(
+            &ext,
+            &["ip", "route", "add", "203.0.113.50/32", "via", &node_ip],
+        )
+        .unwrap();
+    let target: SocketAddr = "203.0.113.50:6379".parse().unwrap();
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    let r = probe_tcp(&ext, target, 40, T).unwrap();
+    assert_eq!(r.total_ok(), 40, "{r}");
+    assert_eq!(r.answers.len(), 2, "both pods: {r}");
+    assert!(
+        !r.sources_seen.contains_key("198.18.0.2"),
+        "externalTrafficPolicy Cluster masquerades: {r}"
+    );
+    let nat = lab.iptables_save(1, "nat").unwrap();
+    assert!(nat.contains("default/redis:redis external IP"), "{nat}");
+}
