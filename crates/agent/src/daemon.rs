@@ -66,6 +66,34 @@ pub fn iptables_config(
     }
 }
 
+/// Removes what the mode we are not running left behind (a mode switch on restart).
+fn cleanup_other_mode(settings: &kp_config::Settings, family: IpFamily, node: &Node) {
+    let result = if settings.mode == ProxyMode::Nftables {
+        let mut p = IptablesProxier::new(SystemRunner, iptables_config(settings, family, node));
+        p.cleanup()
+    } else {
+        let mut p = kp_nftables::NftProxier::new(SystemRunner, nft_config_for_cleanup(family));
+        p.cleanup()
+    };
+    if result.is_ok() {
+        tracing::debug!(
+            family = family.k8s_name(),
+            "removed rules of the other proxy mode"
+        );
+    }
+}
+
+pub fn nft_config_for_cleanup(family: IpFamily) -> kp_nftables::NftConfig {
+    kp_nftables::NftConfig {
+        family,
+        masquerade_bit: 14,
+        masquerade_all: false,
+        local_detector: LocalDetector::None,
+        node_port_addresses: NodePortAddresses::default(),
+        node_port_ips: vec![],
+    }
+}
+
 /// IP families this node proxies: IPv4, plus IPv6 when the kernel has it and ip6tables
 /// is installed (upstream checks the same before running dual-stack).
 pub fn proxied_families() -> Vec<IpFamily> {
@@ -185,9 +213,9 @@ where
 /// Runs the proxy until SIGTERM/SIGINT. Rules stay in place on exit.
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let s = loaded.settings.clone();
-    if s.mode != ProxyMode::Iptables {
+    if !matches!(s.mode, ProxyMode::Iptables | ProxyMode::Nftables) {
         anyhow::bail!(
-            "proxy mode {} is not implemented yet; use --proxy-mode=iptables",
+            "proxy mode {} is not implemented yet; use --proxy-mode=iptables or nftables",
             s.mode
         );
     }
@@ -195,7 +223,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), mode = %s.mode, node = %node_name, "starting kube-proxy-rs");
     crate::kernel::apply_conntrack(&s.conntrack);
 
-    let metrics = Metrics::new(kp_admin::ProxyMode::Iptables);
+    let metrics = Metrics::new(match s.mode {
+        ProxyMode::Nftables => kp_admin::ProxyMode::Nftables,
+        _ => kp_admin::ProxyMode::Iptables,
+    });
     let health = ProxyHealth::for_sync_period(s.sync_period).with_metrics(metrics.clone());
     serve_admin(&loaded, &metrics, &health).await?;
 
@@ -231,7 +262,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let mut threads = Vec::new();
     for family in proxied_families() {
         let ipt_cfg = iptables_config(&s, family, &initial_node);
-        if ipt_cfg.localhost_node_ports_active() {
+        if s.mode == ProxyMode::Iptables && ipt_cfg.localhost_node_ports_active() {
             crate::kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
         }
         if !ipt_cfg.local_detector.is_implemented() && !s.masquerade_all {
@@ -252,7 +283,24 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 .node_port_addresses
                 .filter(&crate::kernel::local_addresses())
         };
-        let dataplane: Box<dyn Dataplane> = Box::new(IptablesProxier::new(SystemRunner, ipt_cfg));
+        // Rules of the other mode go (upstream's platformCleanup); errors mean "nothing there".
+        cleanup_other_mode(&s, family, &initial_node);
+        let dataplane: Box<dyn Dataplane> = if s.mode == ProxyMode::Nftables {
+            let local = crate::kernel::local_addresses();
+            Box::new(kp_nftables::NftProxier::new(
+                SystemRunner,
+                kp_nftables::NftConfig {
+                    family,
+                    masquerade_bit: ipt_cfg.masquerade_bit,
+                    masquerade_all: ipt_cfg.masquerade_all,
+                    local_detector: ipt_cfg.local_detector.clone(),
+                    node_port_ips: ipt_cfg.node_port_addresses.filter(&local),
+                    node_port_addresses: ipt_cfg.node_port_addresses.clone(),
+                },
+            ))
+        } else {
+            Box::new(IptablesProxier::new(SystemRunner, ipt_cfg))
+        };
         let (shared, wake_rx) = Shared::new(
             ChangeTracker::new(family, node_name.clone()),
             metrics.clone(),

@@ -120,7 +120,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--cleanup`: remove everything the iptables mode installed, then exit.
+/// `--cleanup`: remove everything the iptables and nftables modes installed, then exit.
 fn cleanup(settings: &kp_config::Settings) -> ExitCode {
     let mut ok = true;
     let node = k8s_openapi::api::core::v1::Node::default();
@@ -136,6 +136,17 @@ fn cleanup(settings: &kp_config::Settings) -> ExitCode {
             Err(e) => {
                 tracing::error!(family = family.k8s_name(), error = %e, "cleanup failed");
                 ok = false;
+            }
+        }
+        // nftables mode's tables too, whichever mode ran before.
+        if which("nft").is_some() {
+            let mut p =
+                kp_nftables::NftProxier::new(SystemRunner, daemon::nft_config_for_cleanup(family));
+            match p.cleanup() {
+                Ok(()) => tracing::info!(family = family.k8s_name(), "removed nftables table"),
+                Err(e) => {
+                    tracing::debug!(family = family.k8s_name(), error = %e, "no nftables table to remove")
+                }
             }
         }
     }

@@ -290,9 +290,13 @@ fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -
             true
         }
         Err(e) => {
-            pm.record_iptables_restore_failure();
-            if !force_full {
-                pm.record_iptables_partial_restore_failure();
+            if dataplane.mode() == "nftables" {
+                pm.record_nftables_sync_failure();
+            } else {
+                pm.record_iptables_restore_failure();
+                if !force_full {
+                    pm.record_iptables_partial_restore_failure();
+                }
             }
             match &e {
                 SyncError::Apply {

@@ -140,10 +140,11 @@ fn clashing_node_ports_bad_source_ranges_and_unproxied_families_warn() {
         .apply_unvalidated(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "six", "namespace": "default"},
             "spec": {"clusterIP": "fd96::10", "clusterIPs": ["fd96::10"], "ipFamilies": ["IPv6"], "ports": [{"port": 80}]}}))
         .unwrap();
-    // This node proxies IPv4 only: a PATH whose iptables tools exclude ip6tables.
+    // This node proxies IPv4 only: a PATH whose tools exclude ip6tables (nft stays, for
+    // nftables mode).
     let bin = lab.workdir().join("v4only");
     std::fs::create_dir_all(&bin).unwrap();
-    for tool in ["iptables", "iptables-save", "iptables-restore"] {
+    for tool in ["iptables", "iptables-save", "iptables-restore", "nft"] {
         let real = ["/usr/sbin", "/sbin"]
             .iter()
             .map(|d| Path::new(d).join(tool))

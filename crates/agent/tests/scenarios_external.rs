@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use kp_testkit::lab::{Lab, http_get, localhost, wait_for};
 use kp_testkit::netns::{get_sysctl, in_netns};
-use kp_testkit::probe::{ProbeError, ProbeReport, probe_tcp, probe_tcp_from_addr};
+use kp_testkit::probe::{
+    ProbeError, ProbeReport, probe_tcp, probe_tcp_from_addr, tcp_connect_once,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
@@ -862,6 +864,23 @@ fn localhost_nodeports_work_and_remote_packets_to_localhost_are_dropped() {
     start(&mut lab, 1, &[]);
     let np = node_port(&lab, "web");
     let loopback: SocketAddr = format!("127.0.0.1:{np}").parse().unwrap();
+    if mode() == "nftables" {
+        // Upstream's nftables mode has no localhost NodePorts (a deliberate difference):
+        // the NodePort answers on the node IP, 127.0.0.1 gets nothing, route_localnet stays off.
+        let node_np = SocketAddr::new(node_ip(&lab, 1), np);
+        wait_answered_by(&lab, &node1, node_np, &pods, "node1 -> nodeIP:NodePort");
+        assert!(
+            tcp_connect_once(&node1, loopback, DROP_T).is_err(),
+            "127.0.0.1:NodePort must not answer in nftables mode"
+        );
+        assert_eq!(
+            get_sysctl(&node1, "net.ipv4.conf.all.route_localnet")
+                .unwrap()
+                .trim(),
+            "0"
+        );
+        return;
+    }
     wait_answered_by(&lab, &node1, loopback, &pods, "node1 -> 127.0.0.1:NodePort");
     assert_eq!(
         get_sysctl(&node1, "net.ipv4.conf.all.route_localnet")

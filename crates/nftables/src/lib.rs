@@ -1,0 +1,14 @@
+//! nftables mode: upstream's table layout (`table ip kube-proxy` / `ip6`), with endpoint
+//! selection through one shared verdict map, in-memory state and diff-only partial syncs.
+//! See README.md in this crate for the ruleset contract.
+
+mod names;
+mod proxier;
+mod render;
+mod slots;
+mod txn;
+
+pub use names::{endpoint_object, service_chain};
+pub use proxier::NftProxier;
+pub use render::{NftConfig, ServiceObjects, render_service, skeleton};
+pub use slots::SlotAllocator;

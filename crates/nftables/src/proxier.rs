@@ -1,0 +1,437 @@
+//! nftables mode for one family: keeps the kernel's state in memory, sends only the
+//! difference on partial syncs (never listing the table), and replaces the whole table in
+//! one atomic transaction on full syncs.
+
+use std::collections::{BTreeSet, HashMap};
+
+use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
+use kp_model::{
+    IpFamily, NamespacedName, Protocol, ProxyState, ServicePortName, categorize_endpoints,
+};
+
+use crate::names::is_safe_name;
+use crate::render::*;
+use crate::slots::SlotAllocator;
+use crate::txn::Tx;
+
+pub struct NftProxier<R: CommandRunner> {
+    runner: R,
+    cfg: NftConfig,
+    needs_full: bool,
+    /// What the kernel holds, per service (all its ports merged).
+    current: HashMap<NamespacedName, ServiceObjects>,
+    slots: SlotAllocator,
+    /// Which service owns each NodePort (first claimant wins; clashes are warned about).
+    node_ports: HashMap<(Protocol, u16), NamespacedName>,
+}
+
+fn ports_of<'a>(
+    state: &'a ProxyState,
+    svc: &NamespacedName,
+) -> impl Iterator<Item = &'a kp_model::ServicePort> {
+    let lo = ServicePortName {
+        service: svc.clone(),
+        port: String::new(),
+        protocol: Protocol::Tcp,
+    };
+    state
+        .services
+        .range(lo..)
+        .take_while(move |(k, _)| k.service == *svc)
+        .map(|(_, v)| v.as_ref())
+}
+
+fn is_endpoint_chain(name: &str) -> bool {
+    name.starts_with("endpoint-")
+}
+
+impl<R: CommandRunner> NftProxier<R> {
+    pub fn new(runner: R, cfg: NftConfig) -> Self {
+        NftProxier {
+            runner,
+            cfg,
+            needs_full: true,
+            current: HashMap::new(),
+            slots: SlotAllocator::default(),
+            node_ports: HashMap::new(),
+        }
+    }
+
+    fn render(
+        &mut self,
+        state: &ProxyState,
+        input: &SyncInput<'_>,
+        svc: &NamespacedName,
+        warnings: &mut Vec<String>,
+    ) -> ServiceObjects {
+        let mut merged = ServiceObjects::default();
+        self.node_ports.retain(|_, owner| owner != svc);
+        for port in ports_of(state, svc) {
+            let cat =
+                categorize_endpoints(port, state.endpoints_of(&port.name), &input.node.topology);
+            let mut o =
+                render_service(&self.cfg, port, &cat, &input.node.node_ips, &mut self.slots);
+            if let Some(np) = port.node_port {
+                match self.node_ports.get(&(port.protocol, np)) {
+                    Some(owner) if owner != svc => {
+                        warnings.push(format!(
+                            "service {}: nodePort {np}/{} is already used by {owner}; its NodePort rules are skipped",
+                            port.name,
+                            port.protocol.upper()
+                        ));
+                        let key = format!("{} . {np}", port.protocol.lower());
+                        o.elements.retain(|(set, k), _| {
+                            !((set == SERVICE_NODEPORTS || set == NO_ENDPOINT_NODEPORTS)
+                                && *k == key)
+                        });
+                    }
+                    _ => {
+                        self.node_ports.insert((port.protocol, np), svc.clone());
+                    }
+                }
+            }
+            merged.chains.extend(o.chains);
+            merged.elements.extend(o.elements);
+            merged.affinity_sets.extend(o.affinity_sets);
+        }
+        let bad: Vec<String> = merged
+            .chains
+            .keys()
+            .chain(merged.affinity_sets.keys())
+            .filter(|n| !is_safe_name(n))
+            .cloned()
+            .collect();
+        if !bad.is_empty() {
+            warnings.push(format!(
+                "service {svc}: unusable object names {bad:?}; service skipped"
+            ));
+            return ServiceObjects::default();
+        }
+        merged
+    }
+
+    fn addr_type(&self) -> &'static str {
+        match self.cfg.family {
+            IpFamily::V4 => "ipv4_addr",
+            IpFamily::V6 => "ipv6_addr",
+        }
+    }
+
+    fn full_tx(
+        &mut self,
+        input: &SyncInput<'_>,
+        warnings: &mut Vec<String>,
+    ) -> (Tx, HashMap<NamespacedName, ServiceObjects>) {
+        self.slots.clear();
+        self.node_ports.clear();
+        let mut tx = Tx::new(self.cfg.nft_family());
+        tx.replace_table();
+        let sk = skeleton(&self.cfg);
+        for s in &sk.sets {
+            tx.add_set(s);
+        }
+        for b in &sk.base_chains {
+            tx.base_chain(b);
+        }
+        for name in sk.chains.keys() {
+            if !sk.base_chains.iter().any(|b| b.name == name) {
+                tx.add_chain(name);
+            }
+        }
+        let services: BTreeSet<NamespacedName> = input
+            .state
+            .services
+            .keys()
+            .map(|k| k.service.clone())
+            .collect();
+        let mut all = HashMap::new();
+        for svc in services {
+            let o = self.render(input.state, input, &svc, warnings);
+            all.insert(svc, o);
+        }
+        let addr_type = self.addr_type();
+        for o in all.values() {
+            for (set, t) in &o.affinity_sets {
+                tx.add_affinity_set(set, *t, addr_type);
+            }
+            // Endpoint chains first: other chains and map elements refer to them.
+            for name in o.chains.keys() {
+                tx.add_chain(name);
+            }
+        }
+        for (name, rules) in &sk.chains {
+            for r in rules {
+                tx.add_rule(name, r);
+            }
+        }
+        for o in all.values() {
+            for (chain, rules) in &o.chains {
+                for r in rules {
+                    tx.add_rule(chain, r);
+                }
+            }
+        }
+        tx.add_elements(
+            sk.elements
+                .iter()
+                .map(|((s, k), v)| (s.as_str(), k.as_str(), v.as_str())),
+        );
+        tx.add_elements(all.values().flat_map(|o| {
+            o.elements
+                .iter()
+                .map(|((s, k), v)| (s.as_str(), k.as_str(), v.as_str()))
+        }));
+        (tx, all)
+    }
+
+    fn partial_tx(
+        &mut self,
+        input: &SyncInput<'_>,
+        warnings: &mut Vec<String>,
+    ) -> (Tx, Vec<(NamespacedName, ServiceObjects)>) {
+        let mut tx = Tx::new(self.cfg.nft_family());
+        let mut updates = Vec::new();
+        let empty = ServiceObjects::default();
+        let mut del_elems: Vec<(String, String)> = Vec::new();
+        let mut add_sets: Vec<(String, u32)> = Vec::new();
+        let mut add_chains: Vec<String> = Vec::new();
+        let mut rewrite: Vec<(String, bool, Vec<String>)> = Vec::new();
+        let mut add_elems: Vec<(String, String, String)> = Vec::new();
+        let mut del_chains: Vec<String> = Vec::new();
+        let mut del_sets: Vec<String> = Vec::new();
+        for svc in &input.changes.services {
+            let new = self.render(input.state, input, svc, warnings);
+            let old = self.current.get(svc).unwrap_or(&empty);
+            for (k, v) in &old.elements {
+                if new.elements.get(k) != Some(v) {
+                    del_elems.push(k.clone());
+                }
+            }
+            for (k, v) in &new.elements {
+                if old.elements.get(k) != Some(v) {
+                    add_elems.push((k.0.clone(), k.1.clone(), v.clone()));
+                }
+            }
+            for (s, t) in &new.affinity_sets {
+                if old.affinity_sets.get(s) != Some(t) {
+                    if old.affinity_sets.contains_key(s) {
+                        del_sets.push(s.clone());
+                    }
+                    add_sets.push((s.clone(), *t));
+                }
+            }
+            for s in old.affinity_sets.keys() {
+                if !new.affinity_sets.contains_key(s) {
+                    del_sets.push(s.clone());
+                }
+            }
+            for (c, rules) in &new.chains {
+                match old.chains.get(c) {
+                    Some(r) if r == rules => {}
+                    Some(_) => rewrite.push((c.clone(), true, rules.clone())),
+                    None => {
+                        add_chains.push(c.clone());
+                        rewrite.push((c.clone(), false, rules.clone()));
+                    }
+                }
+            }
+            for c in old.chains.keys() {
+                if !new.chains.contains_key(c) {
+                    del_chains.push(c.clone());
+                    if !is_endpoint_chain(c) {
+                        self.slots.release(c);
+                    }
+                }
+            }
+            updates.push((svc.clone(), new));
+        }
+        // Order matters within the transaction: drop references before their targets go.
+        tx.delete_elements(del_elems.iter().map(|(s, k)| (s.as_str(), k.as_str())));
+        let addr_type = self.addr_type();
+        for (s, t) in &add_sets {
+            if del_sets.contains(s) {
+                continue;
+            }
+            tx.add_affinity_set(s, *t, addr_type);
+        }
+        for c in &add_chains {
+            tx.add_chain(c);
+        }
+        // Endpoint chains before the service chains whose affinity rules jump to them.
+        rewrite.sort_by_key(|(c, _, _)| !is_endpoint_chain(c));
+        for (c, flush, rules) in &rewrite {
+            if *flush {
+                tx.flush_chain(c);
+            }
+            for r in rules {
+                tx.add_rule(c, r);
+            }
+        }
+        tx.add_elements(
+            add_elems
+                .iter()
+                .map(|(s, k, v)| (s.as_str(), k.as_str(), v.as_str())),
+        );
+        // Chains that go: flush all first (they may jump to each other), then delete.
+        for c in &del_chains {
+            tx.flush_chain(c);
+        }
+        for c in &del_chains {
+            tx.delete_chain(c);
+        }
+        for s in &del_sets {
+            tx.delete_set(s);
+        }
+        // A re-created affinity set (timeout changed) comes back after its old one is gone.
+        for (s, t) in &add_sets {
+            if del_sets.contains(s) {
+                tx.add_affinity_set(s, *t, addr_type);
+            }
+        }
+        (tx, updates)
+    }
+
+    fn run_nft(&self, text: &str) -> Result<(), SyncError> {
+        let out = self
+            .runner
+            .run("nft", &["-f", "-"], Some(text.as_bytes()))?;
+        if out.success() {
+            return Ok(());
+        }
+        // nft names the input line: "/dev/stdin:12:5-9: Error: …".
+        let line = out
+            .stderr
+            .split(':')
+            .nth(1)
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .and_then(|n| text.lines().nth(n.checked_sub(1)?))
+            .map(str::to_string);
+        let message = out
+            .stderr
+            .trim()
+            .lines()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" | ");
+        Err(SyncError::Apply {
+            tool: "nft",
+            message,
+            line,
+        })
+    }
+
+    fn report(
+        &self,
+        full: bool,
+        bytes: usize,
+        ops: usize,
+        state: &ProxyState,
+        input: &SyncInput<'_>,
+        warnings: Vec<String>,
+    ) -> SyncReport {
+        let mut r = SyncReport {
+            full,
+            bytes_written: bytes,
+            warnings,
+            ..Default::default()
+        };
+        r.rules_written.insert("nft-ops", ops);
+        for port in state.services.values() {
+            let eps = state.endpoints_of(&port.name);
+            let cat = categorize_endpoints(port, eps, &input.node.topology);
+            if port.internal_policy_local && cat.local.is_empty() && cat.has_any {
+                r.no_local_endpoints_internal += 1;
+            }
+            if port.external_policy_local
+                && port.externally_accessible()
+                && cat.local.is_empty()
+                && cat.has_any
+            {
+                r.no_local_endpoints_external += 1;
+            }
+            if let Some(hc) = port.health_check_node_port {
+                let local: BTreeSet<_> = eps
+                    .iter()
+                    .filter(|e| e.is_local && e.ready)
+                    .map(|e| e.ip)
+                    .collect();
+                r.health_checks
+                    .insert(port.name.service.clone(), (hc, local.len()));
+            }
+        }
+        r
+    }
+}
+
+impl<R: CommandRunner> Dataplane for NftProxier<R> {
+    fn mode(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn family(&self) -> IpFamily {
+        self.cfg.family
+    }
+
+    fn sync(&mut self, input: &SyncInput<'_>) -> Result<SyncReport, SyncError> {
+        let full = input.force_full || self.needs_full;
+        self.needs_full = true;
+        let mut warnings = Vec::new();
+        if full {
+            let (tx, all) = self.full_tx(input, &mut warnings);
+            self.run_nft(&tx.text)?;
+            self.current = all;
+            self.needs_full = false;
+            return Ok(self.report(true, tx.text.len(), tx.ops, input.state, input, warnings));
+        }
+        let saved_slots = self.slots.clone();
+        let (tx, updates) = self.partial_tx(input, &mut warnings);
+        if tx.ops > 0
+            && let Err(e) = self.run_nft(&tx.text)
+        {
+            self.slots = saved_slots;
+            return Err(e);
+        }
+        for (svc, o) in updates {
+            if o.chains.is_empty() && o.elements.is_empty() {
+                self.current.remove(&svc);
+            } else {
+                self.current.insert(svc, o);
+            }
+        }
+        self.needs_full = false;
+        Ok(self.report(false, tx.text.len(), tx.ops, input.state, input, warnings))
+    }
+
+    fn needs_full_sync(&mut self) -> bool {
+        if self.needs_full {
+            return true;
+        }
+        let f = self.cfg.nft_family();
+        // A small chain stands for the table: gone after `nft flush ruleset` or
+        // `nft delete table`, and cheap to list at any scale.
+        match self
+            .runner
+            .run("nft", &["list", "chain", f, TABLE, "nat-prerouting"], None)
+        {
+            Ok(out) if out.success() && out.stdout.contains("jump services") => false,
+            _ => {
+                tracing::warn!(
+                    family = f,
+                    "nftables table or base chain missing: rules were flushed, forcing a full sync"
+                );
+                self.needs_full = true;
+                true
+            }
+        }
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        let f = self.cfg.nft_family();
+        let text = format!("add table {f} {TABLE}\ndelete table {f} {TABLE}\n");
+        self.run_nft(&text)?;
+        self.current.clear();
+        self.slots.clear();
+        self.needs_full = true;
+        Ok(())
+    }
+}

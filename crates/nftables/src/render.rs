@@ -1,0 +1,521 @@
+//! State -> desired nftables objects, per service port (pure).
+//!
+//! Layout: upstream's table, base chains, helper chains and verdict maps, with one
+//! difference: endpoint selection goes through ONE shared map `endpoint-slots`
+//! (`numgen random mod N offset K vmap @endpoint-slots`), each service chain owning the
+//! slot range [K, K+N), instead of an anonymous `numgen` vmap per service, whose kernel
+//! cost grows with the number of other services (quadratic transactions upstream).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use kp_dataplane::{LocalDetector, NodePortAddresses};
+use kp_model::{CategorizedEndpoints, IpFamily, ServicePort};
+
+use crate::names::{endpoint_object, service_chain};
+use crate::slots::SlotAllocator;
+
+pub const TABLE: &str = "kube-proxy";
+pub const SERVICE_IPS: &str = "service-ips";
+pub const SERVICE_NODEPORTS: &str = "service-nodeports";
+pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+pub const FIREWALL_IPS: &str = "firewall-ips";
+pub const CLUSTER_IPS: &str = "cluster-ips";
+pub const NODEPORT_IPS: &str = "nodeport-ips";
+pub const ENDPOINT_SLOTS: &str = "endpoint-slots";
+
+/// Settings of the nftables mode for one family.
+#[derive(Debug, Clone)]
+pub struct NftConfig {
+    pub family: IpFamily,
+    pub masquerade_bit: u32,
+    pub masquerade_all: bool,
+    pub local_detector: LocalDetector,
+    pub node_port_addresses: NodePortAddresses,
+    /// Node addresses inside `node_port_addresses` (unused when it matches all).
+    pub node_port_ips: Vec<IpAddr>,
+}
+
+impl NftConfig {
+    pub fn nft_family(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+    fn addr_type(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "ipv4_addr",
+            IpFamily::V6 => "ipv6_addr",
+        }
+    }
+    fn mark(&self) -> String {
+        format!("{:#x}", 1u32 << self.masquerade_bit)
+    }
+    fn loopback(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1",
+        }
+    }
+}
+
+/// A set or map declaration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDecl {
+    pub name: String,
+    pub map: bool,
+    /// Everything inside `{ … }` of the declaration.
+    pub spec: String,
+}
+
+/// A base chain's hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseChain {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub hook: &'static str,
+    pub priority: &'static str,
+}
+
+/// The objects that exist once per table.
+#[derive(Debug, Clone, Default)]
+pub struct Skeleton {
+    pub base_chains: Vec<BaseChain>,
+    pub sets: Vec<SetDecl>,
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Elements of the static sets (`nodeport-ips`).
+    pub elements: BTreeMap<(String, String), String>,
+}
+
+/// Everything one service port contributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceObjects {
+    /// Chain -> rules (the text after `add rule <family> kube-proxy <chain> `).
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// (map or set, key) -> value (empty for sets).
+    pub elements: BTreeMap<(String, String), String>,
+    /// Affinity sets (name -> timeout seconds).
+    pub affinity_sets: BTreeMap<String, u32>,
+}
+
+pub fn skeleton(cfg: &NftConfig) -> Skeleton {
+    let f = cfg.nft_family();
+    let a = cfg.addr_type();
+    let mark = cfg.mark();
+    let mut s = Skeleton {
+        base_chains: vec![
+            BaseChain {
+                name: "filter-prerouting",
+                kind: "filter",
+                hook: "prerouting",
+                priority: "-110",
+            },
+            BaseChain {
+                name: "filter-input",
+                kind: "filter",
+                hook: "input",
+                priority: "-110",
+            },
+            BaseChain {
+                name: "filter-forward",
+                kind: "filter",
+                hook: "forward",
+                priority: "-110",
+            },
+            BaseChain {
+                name: "filter-output",
+                kind: "filter",
+                hook: "output",
+                priority: "-110",
+            },
+            BaseChain {
+                name: "filter-output-post-dnat",
+                kind: "filter",
+                hook: "output",
+                priority: "-90",
+            },
+            BaseChain {
+                name: "nat-prerouting",
+                kind: "nat",
+                hook: "prerouting",
+                priority: "-100",
+            },
+            BaseChain {
+                name: "nat-output",
+                kind: "nat",
+                hook: "output",
+                priority: "-100",
+            },
+            BaseChain {
+                name: "nat-postrouting",
+                kind: "nat",
+                hook: "postrouting",
+                priority: "100",
+            },
+        ],
+        ..Default::default()
+    };
+    let tuple = format!("{a} . inet_proto . inet_service : verdict");
+    let set = |name: &str, map: bool, spec: String| SetDecl {
+        name: name.into(),
+        map,
+        spec,
+    };
+    s.sets = vec![
+        set(CLUSTER_IPS, false, format!("type {a} ; comment \"Active ClusterIPs\" ;")),
+        set(SERVICE_IPS, true, format!("type {tuple} ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ;")),
+        set(SERVICE_NODEPORTS, true, "type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ;".into()),
+        set(NO_ENDPOINT_SERVICES, true, format!("type {tuple} ; comment \"vmap to drop or reject packets to services with no endpoints\" ;")),
+        set(NO_ENDPOINT_NODEPORTS, true, "type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ;".into()),
+        set(FIREWALL_IPS, true, format!("type {tuple} ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ;")),
+        set(ENDPOINT_SLOTS, true, "typeof numgen random mod 1 : verdict ; comment \"endpoint selection: service chain slot range -> endpoint chain\" ;".into()),
+    ];
+    let mut chain = |name: &str, rules: Vec<String>| {
+        s.chains.insert(name.to_string(), rules);
+    };
+    let daddr = format!("{f} daddr");
+    let not_lo = format!("{daddr} != {}", cfg.loopback());
+    let np_match = if cfg.node_port_addresses.match_all() {
+        format!("fib daddr type local {not_lo}")
+    } else {
+        format!("{daddr} @{NODEPORT_IPS}")
+    };
+    chain(
+        "filter-prerouting",
+        vec!["ct state new jump firewall-check".into()],
+    );
+    chain(
+        "filter-input",
+        vec![
+            "ct state new jump nodeport-endpoints-check".into(),
+            "ct state new jump service-endpoints-check".into(),
+        ],
+    );
+    chain(
+        "filter-forward",
+        vec![
+            "ct state new jump service-endpoints-check".into(),
+            "ct state new jump cluster-ips-check".into(),
+        ],
+    );
+    // Upstream checks service-endpoints from filter-output (before DNAT), which drops the
+    // node's own traffic to an ETP=Local VIP without local endpoints even though the
+    // external chain would short-circuit it. Checking after DNAT keeps the REJECT/DROP for
+    // traffic that was not DNATed and lets short-circuited local traffic through, as in
+    // iptables mode.
+    chain(
+        "filter-output",
+        vec!["ct state new jump firewall-check".into()],
+    );
+    chain(
+        "filter-output-post-dnat",
+        vec![
+            "ct state new jump service-endpoints-check".into(),
+            "ct state new jump cluster-ips-check".into(),
+        ],
+    );
+    chain("nat-prerouting", vec!["jump services".into()]);
+    chain("nat-output", vec!["jump services".into()]);
+    chain("nat-postrouting", vec!["jump masquerading".into()]);
+    chain(
+        "mark-for-masquerade",
+        vec![format!("meta mark set meta mark or {mark}")],
+    );
+    chain(
+        "masquerading",
+        vec![
+            format!("meta mark and {mark} == 0 return"),
+            format!("meta mark set meta mark xor {mark}"),
+            "masquerade fully-random".into(),
+        ],
+    );
+    chain(
+        "services",
+        vec![
+            format!("{daddr} . meta l4proto . th dport vmap @{SERVICE_IPS}"),
+            format!("{np_match} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}"),
+        ],
+    );
+    chain(
+        "service-endpoints-check",
+        vec![format!(
+            "{daddr} . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}"
+        )],
+    );
+    chain(
+        "nodeport-endpoints-check",
+        vec![format!(
+            "{np_match} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"
+        )],
+    );
+    chain(
+        "firewall-check",
+        vec![format!(
+            "{daddr} . meta l4proto . th dport vmap @{FIREWALL_IPS}"
+        )],
+    );
+    chain(
+        "cluster-ips-check",
+        vec![format!(
+            "{daddr} @{CLUSTER_IPS} reject comment \"Reject traffic to invalid ports of ClusterIPs\""
+        )],
+    );
+    chain("reject-chain", vec!["reject".into()]);
+    if !cfg.node_port_addresses.match_all() {
+        s.sets.push(set(
+            NODEPORT_IPS,
+            false,
+            format!("type {a} ; comment \"IPs that accept NodePort traffic\" ;"),
+        ));
+        for ip in &cfg.node_port_ips {
+            s.elements
+                .insert((NODEPORT_IPS.into(), ip.to_string()), String::new());
+        }
+    }
+    s
+}
+
+fn detector_match(cfg: &NftConfig, local: bool) -> Option<String> {
+    let f = cfg.nft_family();
+    let op = if local { "" } else { "!= " };
+    match &cfg.local_detector {
+        LocalDetector::None => None,
+        LocalDetector::Cidrs(c) => Some(format!("{f} saddr {op}{}", c[0])),
+        LocalDetector::BridgeInterface(i) => {
+            Some(format!("iifname {op}\"{}\"", sanitize_ifname(i)))
+        }
+        LocalDetector::InterfacePrefix(p) => {
+            Some(format!("iifname {op}\"{}*\"", sanitize_ifname(p)))
+        }
+    }
+}
+
+/// Interface names are at most 15 bytes of a restricted set; anything else is dropped.
+fn sanitize_ifname(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(15)
+        .collect()
+}
+
+/// Renders one service port. `slots` assigns slot ranges to the service and local chains.
+pub fn render_service(
+    cfg: &NftConfig,
+    svc: &ServicePort,
+    cat: &CategorizedEndpoints,
+    node_ips: &[IpAddr],
+    slots: &mut SlotAllocator,
+) -> ServiceObjects {
+    let f = cfg.nft_family();
+    let mut o = ServiceObjects::default();
+    let proto = svc.protocol.lower();
+    let cluster_chain = service_chain("service-", &svc.name);
+    let local_chain = service_chain("local-", &svc.name);
+    let ext_chain = service_chain("external-", &svc.name);
+    let fw_chain = service_chain("firewall-", &svc.name);
+    let internal_chain = if svc.internal_policy_local {
+        &local_chain
+    } else {
+        &cluster_chain
+    };
+    let external_policy_chain = if svc.external_policy_local {
+        &local_chain
+    } else {
+        &cluster_chain
+    };
+
+    let has_internal = if svc.internal_policy_local {
+        !cat.local.is_empty()
+    } else {
+        !cat.cluster.is_empty()
+    };
+    let has_external = if svc.external_policy_local {
+        !cat.local.is_empty()
+    } else {
+        !cat.cluster.is_empty()
+    };
+    let uses_cluster_chain = !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
+    let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
+    let uses_ext_chain = cat.has_any && svc.externally_accessible();
+    let uses_fw = uses_ext_chain && !svc.load_balancer_source_ranges.is_empty();
+    let no_ep_verdict = if cat.has_any {
+        "drop".to_string()
+    } else {
+        "goto reject-chain".to_string()
+    };
+
+    let key = |ip: &IpAddr, port: u16| format!("{ip} . {proto} . {port}");
+    let mut el = |map: &str, k: String, v: String| {
+        o.elements.insert((map.to_string(), k), v);
+    };
+    el(CLUSTER_IPS, svc.cluster_ip.to_string(), String::new());
+    if has_internal {
+        el(
+            SERVICE_IPS,
+            key(&svc.cluster_ip, svc.port),
+            format!("goto {internal_chain}"),
+        );
+    } else {
+        el(
+            NO_ENDPOINT_SERVICES,
+            key(&svc.cluster_ip, svc.port),
+            no_ep_verdict.clone(),
+        );
+    }
+    for ip in &svc.external_ips {
+        if uses_ext_chain {
+            el(SERVICE_IPS, key(ip, svc.port), format!("goto {ext_chain}"));
+        }
+        if !has_external {
+            el(
+                NO_ENDPOINT_SERVICES,
+                key(ip, svc.port),
+                no_ep_verdict.clone(),
+            );
+        }
+    }
+    for ip in &svc.load_balancer_vips {
+        if uses_ext_chain {
+            el(SERVICE_IPS, key(ip, svc.port), format!("goto {ext_chain}"));
+        }
+        if uses_fw {
+            el(FIREWALL_IPS, key(ip, svc.port), format!("goto {fw_chain}"));
+        }
+        if !has_external {
+            el(
+                NO_ENDPOINT_SERVICES,
+                key(ip, svc.port),
+                no_ep_verdict.clone(),
+            );
+        }
+    }
+    if let Some(np) = svc.node_port {
+        if uses_ext_chain {
+            el(
+                SERVICE_NODEPORTS,
+                format!("{proto} . {np}"),
+                format!("goto {ext_chain}"),
+            );
+        }
+        if !has_external {
+            el(
+                NO_ENDPOINT_NODEPORTS,
+                format!("{proto} . {np}"),
+                no_ep_verdict.clone(),
+            );
+        }
+    }
+
+    if uses_ext_chain {
+        let mut rules = Vec::new();
+        if svc.external_policy_local {
+            if let Some(m) = detector_match(cfg, true).filter(|_| uses_cluster_chain) {
+                rules.push(format!(
+                    "{m} goto {cluster_chain} comment \"short-circuit pod traffic\""
+                ));
+            }
+            rules.push("fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\"".into());
+            if uses_cluster_chain {
+                rules.push(format!("fib saddr type local goto {cluster_chain} comment \"short-circuit local traffic\""));
+            }
+        } else {
+            rules.push("jump mark-for-masquerade".into());
+        }
+        if has_external {
+            rules.push(format!("goto {external_policy_chain}"));
+        }
+        o.chains.insert(ext_chain.clone(), rules);
+    }
+    if uses_fw {
+        let mut allowed: Vec<String> = svc
+            .load_balancer_source_ranges
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        if node_ips.iter().any(|ip| {
+            svc.load_balancer_source_ranges
+                .iter()
+                .any(|r| r.contains(ip))
+        }) {
+            allowed.extend(svc.load_balancer_vips.iter().map(|v| v.to_string()));
+        }
+        o.chains.insert(
+            fw_chain.clone(),
+            vec![format!("{f} saddr != {{ {} }} drop", allowed.join(", "))],
+        );
+    }
+
+    // Masquerade rule of the internal chain, then endpoint selection.
+    let masq = if cfg.masquerade_all {
+        Some(format!(
+            "{f} daddr {} {proto} dport {} jump mark-for-masquerade",
+            svc.cluster_ip, svc.port
+        ))
+    } else {
+        detector_match(cfg, false).map(|m| {
+            format!(
+                "{f} daddr {} {proto} dport {} {m} jump mark-for-masquerade",
+                svc.cluster_ip, svc.port
+            )
+        })
+    };
+    let mut used_slot_owners = BTreeSet::new();
+    for (chain, eps, is_internal) in [
+        (
+            &cluster_chain,
+            &cat.cluster,
+            internal_chain == &cluster_chain,
+        ),
+        (&local_chain, &cat.local, internal_chain == &local_chain),
+    ] {
+        let used = if chain == &cluster_chain {
+            uses_cluster_chain
+        } else {
+            uses_local_chain
+        };
+        if !used {
+            continue;
+        }
+        let mut rules = Vec::new();
+        if is_internal && has_internal {
+            rules.extend(masq.clone());
+        }
+        if svc.session_affinity_timeout.is_some() {
+            for ep in eps {
+                let set = endpoint_object("affinity-", &svc.name, &ep.ip, ep.port);
+                let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
+                rules.push(format!("{f} saddr @{set} goto {epc}"));
+            }
+        }
+        let base = slots.assign(chain, eps.len() as u32);
+        used_slot_owners.insert(chain.clone());
+        rules.push(format!(
+            "numgen random mod {} offset {base} vmap @{ENDPOINT_SLOTS}",
+            eps.len()
+        ));
+        for (i, ep) in eps.iter().enumerate() {
+            let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
+            el(
+                ENDPOINT_SLOTS,
+                (base + i as u32).to_string(),
+                format!("goto {epc}"),
+            );
+        }
+        o.chains.insert(chain.clone(), rules);
+    }
+    for ep in &cat.all_reachable {
+        let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
+        let mut rules = vec![format!("{f} saddr {} jump mark-for-masquerade", ep.ip)];
+        if let Some(t) = svc.session_affinity_timeout {
+            let set = endpoint_object("affinity-", &svc.name, &ep.ip, ep.port);
+            rules.push(format!("update @{set} {{ {f} saddr }}"));
+            o.affinity_sets.insert(set, t);
+        }
+        let dst = std::net::SocketAddr::new(ep.ip, ep.port);
+        rules.push(format!("meta l4proto {proto} dnat to {dst}"));
+        o.chains.insert(epc, rules);
+    }
+    o
+}

@@ -1,0 +1,129 @@
+//! Building one `nft -f` transaction. Names reaching the text are checked with
+//! [`crate::names::is_safe_name`]; everything else comes from parsed addresses and numbers.
+
+use crate::render::{BaseChain, SetDecl, TABLE};
+
+/// Elements per `add element` line (keeps lines, and the kernel's per-message lists, bounded).
+const ELEMENTS_PER_LINE: usize = 500;
+
+pub struct Tx {
+    family: &'static str,
+    pub text: String,
+    pub ops: usize,
+}
+
+impl Tx {
+    pub fn new(family: &'static str) -> Tx {
+        Tx {
+            family,
+            text: String::new(),
+            ops: 0,
+        }
+    }
+
+    fn line(&mut self, l: std::fmt::Arguments<'_>) {
+        use std::fmt::Write;
+        let _ = self.text.write_fmt(l);
+        self.text.push('\n');
+        self.ops += 1;
+    }
+
+    /// `add table; delete table; add table`: an atomic replace (nft 1.0.6 has no `destroy`).
+    pub fn replace_table(&mut self) {
+        let f = self.family;
+        self.line(format_args!("add table {f} {TABLE}"));
+        self.line(format_args!("delete table {f} {TABLE}"));
+        self.line(format_args!(
+            "add table {f} {TABLE} {{ comment \"rules for kube-proxy\" ; }}"
+        ));
+    }
+
+    pub fn base_chain(&mut self, c: &BaseChain) {
+        let f = self.family;
+        self.line(format_args!(
+            "add chain {f} {TABLE} {} {{ type {} hook {} priority {} ; }}",
+            c.name, c.kind, c.hook, c.priority
+        ));
+    }
+
+    pub fn add_set(&mut self, s: &SetDecl) {
+        let f = self.family;
+        let kind = if s.map { "map" } else { "set" };
+        self.line(format_args!(
+            "add {kind} {f} {TABLE} {} {{ {} }}",
+            s.name, s.spec
+        ));
+    }
+
+    pub fn add_affinity_set(&mut self, name: &str, timeout: u32, addr_type: &str) {
+        let f = self.family;
+        self.line(format_args!(
+            "add set {f} {TABLE} {name} {{ type {addr_type} ; flags dynamic,timeout ; timeout {timeout}s ; }}"
+        ));
+    }
+
+    pub fn delete_set(&mut self, name: &str) {
+        let f = self.family;
+        self.line(format_args!("delete set {f} {TABLE} {name}"));
+    }
+
+    pub fn add_chain(&mut self, name: &str) {
+        let f = self.family;
+        self.line(format_args!("add chain {f} {TABLE} {name}"));
+    }
+
+    pub fn flush_chain(&mut self, name: &str) {
+        let f = self.family;
+        self.line(format_args!("flush chain {f} {TABLE} {name}"));
+    }
+
+    pub fn delete_chain(&mut self, name: &str) {
+        let f = self.family;
+        self.line(format_args!("delete chain {f} {TABLE} {name}"));
+    }
+
+    pub fn add_rule(&mut self, chain: &str, rule: &str) {
+        let f = self.family;
+        self.line(format_args!("add rule {f} {TABLE} {chain} {rule}"));
+    }
+
+    /// Adds elements (`value` empty for plain sets), grouped per set, bounded per line.
+    pub fn add_elements<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) {
+        self.elements(
+            "add",
+            items.into_iter().map(|(s, k, v)| {
+                (
+                    s,
+                    if v.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{k} : {v}")
+                    },
+                )
+            }),
+        );
+    }
+
+    pub fn delete_elements<'a>(&mut self, items: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        self.elements("delete", items.into_iter().map(|(s, k)| (s, k.to_string())));
+    }
+
+    fn elements<'a>(&mut self, verb: &str, items: impl Iterator<Item = (&'a str, String)>) {
+        let mut by_set: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for (set, item) in items {
+            by_set.entry(set).or_default().push(item);
+        }
+        let f = self.family;
+        for (set, items) in by_set {
+            for chunk in items.chunks(ELEMENTS_PER_LINE) {
+                self.line(format_args!(
+                    "{verb} element {f} {TABLE} {set} {{ {} }}",
+                    chunk.join(", ")
+                ));
+            }
+        }
+    }
+}
