@@ -435,3 +435,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "proxier_tests.rs"]
+mod tests;
