@@ -271,12 +271,12 @@ fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -
                 && *last != report.warnings
             {
                 for w in &report.warnings {
-                    tracing::warn!(family = shared.model_family.k8s_name(), "{w}");
+                    tracing::warn!(family = %shared.model_family.k8s_name(), "{w}");
                 }
                 *last = report.warnings.clone();
             }
             tracing::info!(
-                family = shared.model_family.k8s_name(),
+                family = %shared.model_family.k8s_name(),
                 full = report.full,
                 services = state.services.len(),
                 endpoints = state.endpoint_count(),
@@ -380,7 +380,7 @@ fn reconcile_conntrack(shared: &Shared, state: &kp_model::ProxyState) {
                 .observe_conntrack_reconcile(r.duration, r.deleted as u64);
             if r.deleted > 0 {
                 tracing::info!(
-                    family = shared.model_family.k8s_name(),
+                    family = %shared.model_family.k8s_name(),
                     listed = r.listed,
                     deleted = r.deleted,
                     elapsed_ms = r.duration.as_secs_f64() * 1000.0,

@@ -23,6 +23,9 @@ struct Args {
     /// Endpoint changes to measure.
     #[arg(long, default_value_t = 20)]
     changes: usize,
+    /// Proxy mode: iptables or nftables.
+    #[arg(long, default_value = "iptables")]
+    mode: String,
     /// The proxy binary (default: target/release/kube-proxy-rs next to this binary).
     #[arg(long)]
     binary: Option<PathBuf>,
@@ -54,7 +57,7 @@ fn metric(ns: &str, name: &str) -> Option<f64> {
 
 fn sync_times_ms(log: &str) -> Vec<(bool, f64)> {
     log.lines()
-        .filter(|l| l.contains("synced proxy rules"))
+        .filter(|l| l.contains("synced proxy rules") && l.contains("family=IPv4"))
         .filter_map(|l| {
             let full = l.contains("full=true");
             let ms = l
@@ -110,11 +113,14 @@ fn main() -> anyhow::Result<()> {
     if let Ok(p) = std::env::var("KP_BENCH_PATH") {
         lab.proxy_env.push(("PATH".into(), p));
     }
-    lab.start_proxy(&binary, 1, &["--iptables-min-sync-period=0s"])?;
+    let mode_flag = format!("--proxy-mode={}", args.mode);
+    lab.start_proxy(&binary, 1, &["--iptables-min-sync-period=0s", &mode_flag])?;
+    // The IPv4 family's first sync is the one that programs these services.
     wait_for(Duration::from_secs(600), || {
-        metric(&node, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+        (!sync_times_ms(&lab.proxy_log(1)).is_empty()).then_some(())
     })
     .context("first sync never completed")?;
+    let _ = metric(&node, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
     let cold = t0.elapsed();
     let first = sync_times_ms(&lab.proxy_log(1))
         .first()
@@ -157,16 +163,35 @@ fn main() -> anyhow::Result<()> {
 
     // Kernel floor: load the final ruleset alone into a fresh namespace.
     lab.stop_proxy(1, false);
-    let nat = lab.iptables_save(1, "nat")?;
-    let filter = lab.iptables_save(1, "filter")?;
-    let rules = nat.lines().filter(|l| l.starts_with("-A")).count();
+    let nft = args.mode == "nftables";
+    let (dump, rules) = if nft {
+        let t = lab
+            .topology()
+            .exec_ok(&node, &["nft", "list", "table", "ip", "kube-proxy"])?;
+        let n = t
+            .lines()
+            .filter(|l| l.starts_with("\t\t") && !l.contains("elements") && !l.contains("type "))
+            .count();
+        (t, n)
+    } else {
+        let nat = lab.iptables_save(1, "nat")?;
+        let filter = lab.iptables_save(1, "filter")?;
+        let n = nat.lines().filter(|l| l.starts_with("-A")).count();
+        (format!("{filter}{nat}"), n)
+    };
     let floor = {
         let ns = format!("kpbench{}", std::process::id());
         let run = |a: &[&str]| std::process::Command::new("ip").args(a).status();
         run(&["netns", "add", &ns])?;
         let t = Instant::now();
+        let loader: Vec<&str> = if nft {
+            vec!["nft", "-f", "-"]
+        } else {
+            vec!["iptables-restore", "--noflush"]
+        };
         let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "iptables-restore", "--noflush"])
+            .args(["netns", "exec", &ns])
+            .args(&loader)
             .stdin(std::process::Stdio::piped())
             .spawn()?;
         use std::io::Write;
@@ -174,12 +199,12 @@ fn main() -> anyhow::Result<()> {
             .stdin
             .take()
             .context("stdin")?
-            .write_all(format!("{filter}{nat}").as_bytes())?;
+            .write_all(dump.as_bytes())?;
         let ok = child.wait()?.success();
         let el = t.elapsed();
         run(&["netns", "del", &ns])?;
         if !ok {
-            bail!("floor restore failed");
+            bail!("floor load failed");
         }
         el
     };
@@ -193,8 +218,8 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(f64::NAN)
     };
     println!(
-        "kube-proxy-rs iptables mode: {} services x {} endpoints ({} nat rules)",
-        args.services, args.endpoints, rules
+        "kube-proxy-rs {} mode: {} services x {} endpoints ({} rules)",
+        args.mode, args.services, args.endpoints, rules
     );
     println!("| measurement | value |");
     println!("|---|---|");
@@ -206,9 +231,9 @@ fn main() -> anyhow::Result<()> {
         "| cold start -> first sync committed (wall) | {:.0} ms |",
         cold.as_secs_f64() * 1000.0
     );
-    println!("| first full sync (render + iptables-restore, proxy's own timer) | {first:.0} ms |");
+    println!("| first full sync (render + apply, proxy's own timer) | {first:.0} ms |");
     println!(
-        "| kernel floor: iptables-restore --noflush of the same ruleset, fresh netns | {:.0} ms |",
+        "| kernel floor: the same ruleset loaded alone, fresh netns | {:.0} ms |",
         floor.as_secs_f64() * 1000.0
     );
     println!(
