@@ -371,141 +371,166 @@ async fn wait_for_node(watchers: &Watchers, node_name: &str, need_pod_cidrs: boo
     }
 }
 
+/// How one watched kind feeds the trackers.
+trait Tracked: kube::Resource + Sized {
+    fn update(
+        t: &mut ChangeTracker,
+        obj: &Self,
+        warnings: &mut Vec<String>,
+    ) -> Result<bool, kp_model::ConvertError>;
+    fn delete(t: &mut ChangeTracker, namespace: &str, name: &str) -> bool;
+    fn pending(t: &ChangeTracker) -> usize;
+    fn synced(sh: &Shared) -> &std::sync::atomic::AtomicBool;
+    fn record_change(metrics: &Metrics);
+    fn set_pending(metrics: &Metrics, n: u64);
+    /// Checks that need every family's view (once per object).
+    fn after_apply(_obj: &Self, _proxied: &[IpFamily]) {}
+    fn log_invalid(obj: &Self, e: &kp_model::ConvertError);
+    fn log_problem(obj: &Self, problem: &str);
+}
+
+impl Tracked for k8s_openapi::api::core::v1::Service {
+    fn update(
+        t: &mut ChangeTracker,
+        obj: &Self,
+        w: &mut Vec<String>,
+    ) -> Result<bool, kp_model::ConvertError> {
+        t.update_service(obj, w)
+    }
+    fn delete(t: &mut ChangeTracker, namespace: &str, name: &str) -> bool {
+        t.delete_service(namespace, name)
+    }
+    fn pending(t: &ChangeTracker) -> usize {
+        t.pending_service_changes()
+    }
+    fn synced(sh: &Shared) -> &std::sync::atomic::AtomicBool {
+        &sh.services_synced
+    }
+    fn record_change(m: &Metrics) {
+        m.record_service_change();
+    }
+    fn set_pending(m: &Metrics, n: u64) {
+        m.set_service_changes_pending(n);
+    }
+    fn log_invalid(obj: &Self, e: &kp_model::ConvertError) {
+        tracing::warn!(service = %object_name(obj), error = %e, "skipping invalid Service");
+    }
+    fn log_problem(obj: &Self, w: &str) {
+        tracing::warn!(service = %object_name(obj), problem = %w, "ignoring part of Service");
+    }
+    fn after_apply(svc: &Self, proxied: &[IpFamily]) {
+        let families = kp_model::service_families(svc);
+        if !families.is_empty() && !families.iter().any(|f| proxied.contains(f)) {
+            tracing::warn!(
+                service = %object_name(svc),
+                families = ?families,
+                "skipping Service: none of its cluster IPs is of an IP family this node proxies"
+            );
+        }
+    }
+}
+
+impl Tracked for k8s_openapi::api::discovery::v1::EndpointSlice {
+    fn update(
+        t: &mut ChangeTracker,
+        obj: &Self,
+        w: &mut Vec<String>,
+    ) -> Result<bool, kp_model::ConvertError> {
+        t.update_slice(obj, w)
+    }
+    fn delete(t: &mut ChangeTracker, namespace: &str, name: &str) -> bool {
+        t.delete_slice(namespace, name)
+    }
+    fn pending(t: &ChangeTracker) -> usize {
+        t.pending_endpoint_changes()
+    }
+    fn synced(sh: &Shared) -> &std::sync::atomic::AtomicBool {
+        &sh.slices_synced
+    }
+    fn record_change(m: &Metrics) {
+        m.record_endpoint_change();
+    }
+    fn set_pending(m: &Metrics, n: u64) {
+        m.set_endpoint_changes_pending(n);
+    }
+    fn log_invalid(obj: &Self, e: &kp_model::ConvertError) {
+        tracing::warn!(endpointslice = %object_name(obj), error = %e, "skipping invalid EndpointSlice");
+    }
+    fn log_problem(obj: &Self, w: &str) {
+        tracing::warn!(endpointslice = %object_name(obj), problem = %w, "ignoring invalid endpoint");
+    }
+}
+
+/// Feeds one watcher event to every family's tracker. Problems are the same in every
+/// family, so they are logged once.
+fn handle_event<K: Tracked>(fams: &[Arc<Shared>], proxied: &[IpFamily], ev: &ObjectEvent<K>) {
+    let Some(first) = fams.first() else { return };
+    let mut any = false;
+    match ev {
+        ObjectEvent::Applied(obj) => {
+            let mut logged: Vec<String> = Vec::new();
+            for (i, sh) in fams.iter().enumerate() {
+                let mut warnings = Vec::new();
+                let Ok(mut t) = sh.tracker.lock() else { return };
+                let result = K::update(&mut t, obj, &mut warnings);
+                let pending = K::pending(&t);
+                drop(t);
+                // The same problem seen by several families is logged once.
+                for w in warnings {
+                    if !logged.contains(&w) {
+                        K::log_problem(obj, &w);
+                        logged.push(w);
+                    }
+                }
+                match result {
+                    Ok(true) => {
+                        any = true;
+                        K::set_pending(&sh.metrics, pending as u64);
+                        sh.queued();
+                    }
+                    Ok(false) => {}
+                    Err(e) if i == 0 => K::log_invalid(obj, &e),
+                    Err(_) => {}
+                }
+            }
+            K::after_apply(obj, proxied);
+        }
+        ObjectEvent::Deleted { namespace, name } => {
+            for sh in fams {
+                let Ok(mut t) = sh.tracker.lock() else { return };
+                let changed = K::delete(&mut t, namespace.as_deref().unwrap_or_default(), name);
+                drop(t);
+                if changed {
+                    any = true;
+                    sh.queued();
+                }
+            }
+        }
+        ObjectEvent::Synced => {
+            for sh in fams {
+                K::synced(sh).store(true, Ordering::SeqCst);
+                sh.poke();
+            }
+        }
+    }
+    if any {
+        K::record_change(&first.metrics);
+    }
+}
+
 fn spawn_watchers(watchers: &Watchers, families: &[Arc<Shared>], node_name: &str) {
-    let fams = families.to_vec();
-    let proxied: Vec<IpFamily> = fams.iter().map(|f| f.model_family).collect();
+    let proxied: Vec<IpFamily> = families.iter().map(|f| f.model_family).collect();
+    let (fams, p) = (families.to_vec(), proxied.clone());
     tokio::spawn(run_watcher(
         watchers.services.clone(),
         kp_watch::service_config(),
-        move |ev| {
-            let Some(first) = fams.first() else { return };
-            match &ev {
-                ObjectEvent::Applied(svc) => {
-                    let mut any = false;
-                    for (i, sh) in fams.iter().enumerate() {
-                        let mut warnings = Vec::new();
-                        let Ok(mut t) = sh.tracker.lock() else { return };
-                        let result = t.update_service(svc, &mut warnings);
-                        let pending = t.pending_service_changes();
-                        drop(t);
-                        // Problems are the same in every family: log them once.
-                        if i == 0 {
-                            for w in &warnings {
-                                tracing::warn!(service = %object_name(svc), problem = %w, "ignoring part of Service");
-                            }
-                        }
-                        match result {
-                            Ok(true) => {
-                                any = true;
-                                sh.metrics.set_service_changes_pending(pending as u64);
-                                sh.queued();
-                            }
-                            Ok(false) => {}
-                            Err(e) if i == 0 => {
-                                tracing::warn!(service = %object_name(svc), error = %e, "skipping invalid Service")
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                    let families = kp_model::service_families(svc);
-                    if !families.is_empty() && !families.iter().any(|f| proxied.contains(f)) {
-                        tracing::warn!(
-                            service = %object_name(svc),
-                            families = ?families,
-                            "skipping Service: none of its cluster IPs is of an IP family this node proxies"
-                        );
-                    }
-                    if any {
-                        first.metrics.record_service_change();
-                    }
-                }
-                ObjectEvent::Deleted { namespace, name } => {
-                    let mut any = false;
-                    for sh in &fams {
-                        let Ok(mut t) = sh.tracker.lock() else { return };
-                        let changed =
-                            t.delete_service(namespace.as_deref().unwrap_or_default(), name);
-                        drop(t);
-                        if changed {
-                            any = true;
-                            sh.queued();
-                        }
-                    }
-                    if any {
-                        first.metrics.record_service_change();
-                    }
-                }
-                ObjectEvent::Synced => {
-                    for sh in &fams {
-                        sh.services_synced.store(true, Ordering::SeqCst);
-                        sh.poke();
-                    }
-                }
-            }
-        },
+        move |ev| handle_event(&fams, &p, &ev),
     ));
-
-    let fams = families.to_vec();
+    let (fams, p) = (families.to_vec(), proxied);
     tokio::spawn(run_watcher(
         watchers.slices.clone(),
         kp_watch::endpoint_slice_config(),
-        move |ev| {
-            let Some(first) = fams.first() else { return };
-            match &ev {
-                ObjectEvent::Applied(slice) => {
-                    let mut any = false;
-                    for (i, sh) in fams.iter().enumerate() {
-                        let mut warnings = Vec::new();
-                        let Ok(mut t) = sh.tracker.lock() else { return };
-                        let result = t.update_slice(slice, &mut warnings);
-                        let pending = t.pending_endpoint_changes();
-                        drop(t);
-                        for w in &warnings {
-                            tracing::warn!(endpointslice = %object_name(slice), problem = %w, "ignoring invalid endpoint");
-                        }
-                        match result {
-                            Ok(true) => {
-                                any = true;
-                                sh.metrics.set_endpoint_changes_pending(pending as u64);
-                                sh.queued();
-                            }
-                            Ok(false) => {}
-                            Err(e) if i == 0 => tracing::warn!(
-                                endpointslice = %object_name(slice),
-                                error = %e,
-                                "skipping invalid EndpointSlice"
-                            ),
-                            Err(_) => {}
-                        }
-                    }
-                    if any {
-                        first.metrics.record_endpoint_change();
-                    }
-                }
-                ObjectEvent::Deleted { namespace, name } => {
-                    let mut any = false;
-                    for sh in &fams {
-                        let Ok(mut t) = sh.tracker.lock() else { return };
-                        let changed =
-                            t.delete_slice(namespace.as_deref().unwrap_or_default(), name);
-                        drop(t);
-                        if changed {
-                            any = true;
-                            sh.queued();
-                        }
-                    }
-                    if any {
-                        first.metrics.record_endpoint_change();
-                    }
-                }
-                ObjectEvent::Synced => {
-                    for sh in &fams {
-                        sh.slices_synced.store(true, Ordering::SeqCst);
-                        sh.poke();
-                    }
-                }
-            }
-        },
+        move |ev| handle_event(&fams, &p, &ev),
     ));
 
     let fams = families.to_vec();
