@@ -61,6 +61,23 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // A file anyone can write could redirect the proxy (config) or steal its identity
+    // (kubeconfig): refuse to start, before touching the kernel.
+    for (what, path) in [
+        ("--config", loaded.config_file.as_ref()),
+        ("--kubeconfig", loaded.settings.kubeconfig.as_ref()),
+    ] {
+        if let Some(path) = path
+            && let Ok(meta) = std::fs::metadata(path)
+            && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o002 != 0
+        {
+            eprintln!(
+                "kube-proxy-rs: {what} {} is world-writable; refusing to start (chmod o-w it)",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     init_tracing(loaded.settings.verbosity);
     for w in &loaded.warnings {
         tracing::warn!("{w}");
