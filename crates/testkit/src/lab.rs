@@ -50,6 +50,8 @@ pub struct Lab {
     pub emulator: Arc<Emulator>,
     /// Extra environment for proxies started from now on (e.g. a PATH with fake tools).
     pub proxy_env: Vec<(String, String)>,
+    /// Proxies started so far (names log files, so a restart never overwrites a log).
+    started: usize,
     workdir: tempfile::TempDir,
 }
 
@@ -77,6 +79,7 @@ impl Lab {
             cluster,
             emulator,
             proxy_env: Vec::new(),
+            started: 0,
             workdir: tempfile::tempdir()?,
         })
     }
@@ -110,10 +113,11 @@ impl Lab {
             self.emulator
                 .write_kubeconfig(&kubeconfig, &format!("https://127.0.0.1:{API_PORT}"))?;
         }
-        let log =
-            self.workdir
-                .path()
-                .join(format!("proxy-{}-{}.log", node.name, self.proxies.len()));
+        let log = self
+            .workdir
+            .path()
+            .join(format!("proxy-{}-{}.log", node.name, self.started));
+        self.started += 1;
         let mut args: Vec<String> = vec![
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--hostname-override={}", node.name),
@@ -161,7 +165,7 @@ impl Lab {
     /// Everything node `n`'s proxies have logged so far.
     pub fn proxy_log(&self, n: usize) -> String {
         let mut out = String::new();
-        for i in 0..64 {
+        for i in 0..self.started {
             let name = self
                 .topology()
                 .node(n)
