@@ -1,0 +1,102 @@
+//! API faults never remove working rules, and changes made during a fault are applied
+//! after it: 100 dropped watches, 500s, a stalled API server, compacted history (410).
+//! Traffic is probed the whole time. Runs in the mode from `KP_PROXY_MODE`. Needs root.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use kp_testkit::lab::{Lab, wait_for};
+use kp_testkit::probe::{probe_tcp, tcp_connect_once};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
+const REDIS: &str = include_str!("../../../examples/redis.yaml");
+const T: Duration = Duration::from_secs(2);
+
+fn setup() -> (Lab, SocketAddr, String) {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let mode = format!(
+        "--proxy-mode={}",
+        std::env::var("KP_PROXY_MODE").unwrap_or_else(|_| "iptables".into())
+    );
+    let mut lab = Lab::new(1).unwrap();
+    lab.cluster.apply_manifest(REDIS).unwrap();
+    lab.start_proxy(Path::new(BIN), 1, &[&mode]).unwrap();
+    let svc = lab
+        .emulator
+        .get("v1", "Service", Some("default"), "redis")
+        .unwrap();
+    let ip: IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let target = SocketAddr::new(ip, 6379);
+    let ext = lab.topology().ext().ns.clone();
+    assert!(
+        wait_for(Duration::from_secs(20), || tcp_connect_once(
+            &ext, target, T
+        )
+        .ok())
+        .is_some()
+    );
+    (lab, target, ext)
+}
+
+/// After a fault: scaling to 3 is applied (all three pods answer) within `within`.
+fn change_is_applied(lab: &mut Lab, target: SocketAddr, ext: &str, within: Duration) {
+    lab.cluster.scale("default", "redis", 3).unwrap();
+    let seen = wait_for(within, || {
+        let r = probe_tcp(ext, target, 30, T).ok()?;
+        (r.answers.len() == 3).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "change not applied after the fault; log:\n{}",
+        lab.proxy_log(1)
+    );
+}
+
+#[test]
+fn hundred_dropped_watches_keep_rules_and_later_changes_apply() {
+    let (mut lab, target, ext) = setup();
+    for i in 0..100 {
+        lab.emulator.drop_watches();
+        std::thread::sleep(Duration::from_millis(20));
+        if i % 10 == 0 {
+            let r = probe_tcp(&ext, target, 5, T).unwrap();
+            assert_eq!(r.total_ok(), 5, "probe failed during watch drops: {r}");
+        }
+    }
+    change_is_applied(&mut lab, target, &ext, Duration::from_secs(20));
+}
+
+#[test]
+fn server_errors_and_stalls_keep_rules_and_changes_made_meanwhile_apply() {
+    let (mut lab, target, ext) = setup();
+    // 500s for every request for a while, watches dropped so the proxy has to come back.
+    lab.emulator.set_fail_requests(12, 500);
+    lab.emulator.drop_watches();
+    let r = probe_tcp(&ext, target, 20, T).unwrap();
+    assert_eq!(r.total_ok(), 20, "{r}");
+    // A stalled API server; a change made while it stalls.
+    lab.emulator.set_stall(Some(Duration::from_secs(4)));
+    lab.emulator.drop_watches();
+    lab.cluster.scale("default", "redis", 3).unwrap();
+    let r = probe_tcp(&ext, target, 20, T).unwrap();
+    assert_eq!(r.total_ok(), 20, "rules kept while the API stalls: {r}");
+    lab.emulator.set_stall(None);
+    // History compacted as after an API server restart: resumes get 410 and relist.
+    lab.emulator.compact();
+    lab.emulator.drop_watches();
+    // Watchers back off like client-go (0.8 s doubling to 30 s), so allow for that.
+    let seen = wait_for(Duration::from_secs(60), || {
+        let r = probe_tcp(&ext, target, 30, T).ok()?;
+        (r.answers.len() == 3).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "change made during the stall not applied; log:\n{}",
+        lab.proxy_log(1)
+    );
+    assert!(
+        lab.emulator.request_log().iter().any(|r| r.status == 500),
+        "500s were served"
+    );
+}
