@@ -18,9 +18,11 @@ fn tracker(objs: &[serde_json::Value]) -> ChangeTracker {
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     for o in objs {
         if o["kind"] == "Service" {
-            t.update_service(&serde_json::from_value(o.clone()).unwrap(), &mut vec![]).unwrap();
+            t.update_service(&serde_json::from_value(o.clone()).unwrap(), &mut vec![])
+                .unwrap();
         } else {
-            t.update_slice(&serde_json::from_value(o.clone()).unwrap(), &mut vec![]).unwrap();
+            t.update_slice(&serde_json::from_value(o.clone()).unwrap(), &mut vec![])
+                .unwrap();
         }
     }
     t
@@ -39,26 +41,66 @@ fn slice(svc: &str, ips: &[&str]) -> serde_json::Value {
 }
 
 fn nft_input(runner: &RecordingRunner) -> String {
-    runner.calls().iter().filter(|c| c.program == "nft" && c.args == ["-f", "-"]).filter_map(|c| c.stdin.clone()).collect()
+    runner
+        .calls()
+        .iter()
+        .filter(|c| c.program == "nft" && c.args == ["-f", "-"])
+        .filter_map(|c| c.stdin.clone())
+        .collect()
 }
 
 #[test]
 fn full_sync_replaces_the_table_atomically_with_shared_slot_map() {
     let runner = RecordingRunner::default();
     let mut p = NftProxier::new(runner.clone(), cfg());
-    let mut t = tracker(&[svc("a", "10.96.0.1"), slice("a", &["10.244.1.2", "10.244.1.3"])]);
+    let mut t = tracker(&[
+        svc("a", "10.96.0.1"),
+        slice("a", &["10.244.1.2", "10.244.1.3"]),
+    ]);
     let changes = t.drain();
     let node = NodeInfo::default();
-    let r = p.sync(&SyncInput { state: t.state(), changes: &changes, node: &node, force_full: false }).unwrap();
+    let r = p
+        .sync(&SyncInput {
+            state: t.state(),
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
     assert!(r.full);
     let text = nft_input(&runner);
     let first: Vec<&str> = text.lines().take(3).collect();
-    assert_eq!(first, ["add table ip kube-proxy", "delete table ip kube-proxy", "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }"]);
-    assert!(text.contains("add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }"));
-    assert!(text.contains("numgen random mod 2 offset 0 vmap @endpoint-slots"), "{text}");
-    assert!(text.contains("add element ip kube-proxy endpoint-slots { 0 : goto endpoint-"), "{text}");
-    assert!(text.contains("add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto service-"), "{text}");
-    assert!(text.contains("ip daddr 10.96.0.1 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade"), "{text}");
+    assert_eq!(
+        first,
+        [
+            "add table ip kube-proxy",
+            "delete table ip kube-proxy",
+            "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }"
+        ]
+    );
+    assert!(text.contains(
+        "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }"
+    ));
+    assert!(
+        text.contains("numgen random mod 2 offset 0 vmap @endpoint-slots"),
+        "{text}"
+    );
+    assert!(
+        text.contains("add element ip kube-proxy endpoint-slots { 0 : goto endpoint-"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto service-"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "ip daddr 10.96.0.1 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade"
+        ),
+        "{text}"
+    );
     assert!(text.contains("meta l4proto tcp dnat to 10.244.1.2:8080"));
     // No per-service anonymous numgen maps.
     assert!(!text.contains("vmap {"), "{text}");
@@ -76,25 +118,61 @@ fn partial_sync_sends_only_the_difference_and_never_lists() {
     let mut t = tracker(&objs);
     let changes = t.drain();
     let node = NodeInfo::default();
-    p.sync(&SyncInput { state: t.state(), changes: &changes, node: &node, force_full: false }).unwrap();
+    p.sync(&SyncInput {
+        state: t.state(),
+        changes: &changes,
+        node: &node,
+        force_full: false,
+    })
+    .unwrap();
     let full_bytes = nft_input(&runner).len();
     runner.clear();
     // One endpoint of one service changes.
-    t.update_slice(&serde_json::from_value(slice("s7", &["10.244.1.200"])).unwrap(), &mut vec![]).unwrap();
+    t.update_slice(
+        &serde_json::from_value(slice("s7", &["10.244.1.200"])).unwrap(),
+        &mut vec![],
+    )
+    .unwrap();
     let changes = t.drain();
-    let r = p.sync(&SyncInput { state: t.state(), changes: &changes, node: &node, force_full: false }).unwrap();
+    let r = p
+        .sync(&SyncInput {
+            state: t.state(),
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
     assert!(!r.full);
     let calls = runner.calls();
     assert_eq!(calls.len(), 1, "one nft call, no listing: {calls:?}");
     let text = nft_input(&runner);
-    assert!(text.len() * 20 < full_bytes, "partial {} bytes vs full {full_bytes}", text.len());
-    assert!(!text.contains("10.244.1.3:8080"), "other services untouched:\n{text}");
+    assert!(
+        text.len() * 20 < full_bytes,
+        "partial {} bytes vs full {full_bytes}",
+        text.len()
+    );
+    assert!(
+        !text.contains("10.244.1.3:8080"),
+        "other services untouched:\n{text}"
+    );
     assert!(text.contains("dnat to 10.244.1.200:8080"));
-    assert!(text.contains("delete chain ip kube-proxy endpoint-"), "old endpoint chain removed:\n{text}");
-    assert!(text.contains("delete element ip kube-proxy endpoint-slots"), "{text}");
+    assert!(
+        text.contains("delete chain ip kube-proxy endpoint-"),
+        "old endpoint chain removed:\n{text}"
+    );
+    assert!(
+        text.contains("delete element ip kube-proxy endpoint-slots"),
+        "{text}"
+    );
     // Nothing changed: nothing sent.
     runner.clear();
-    p.sync(&SyncInput { state: t.state(), changes: &ChangeSet::default(), node: &node, force_full: false }).unwrap();
+    p.sync(&SyncInput {
+        state: t.state(),
+        changes: &ChangeSet::default(),
+        node: &node,
+        force_full: false,
+    })
+    .unwrap();
     assert!(runner.calls().is_empty());
 }
 
@@ -104,7 +182,11 @@ fn failed_transaction_reports_the_line_and_forces_full_sync() {
     let f2 = fail.clone();
     let runner = RecordingRunner::new(move |_| {
         if f2.load(std::sync::atomic::Ordering::SeqCst) {
-            CommandOutput { status: 1, stdout: String::new(), stderr: "/dev/stdin:2:1-5: Error: Could not process rule".into() }
+            CommandOutput {
+                status: 1,
+                stdout: String::new(),
+                stderr: "/dev/stdin:2:1-5: Error: Could not process rule".into(),
+            }
         } else {
             CommandOutput::default()
         }
@@ -113,11 +195,28 @@ fn failed_transaction_reports_the_line_and_forces_full_sync() {
     let mut t = tracker(&[svc("a", "10.96.0.1"), slice("a", &["10.244.1.2"])]);
     let changes = t.drain();
     let node = NodeInfo::default();
-    p.sync(&SyncInput { state: t.state(), changes: &changes, node: &node, force_full: false }).unwrap();
+    p.sync(&SyncInput {
+        state: t.state(),
+        changes: &changes,
+        node: &node,
+        force_full: false,
+    })
+    .unwrap();
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    t.update_slice(&serde_json::from_value(slice("a", &["10.244.1.9"])).unwrap(), &mut vec![]).unwrap();
+    t.update_slice(
+        &serde_json::from_value(slice("a", &["10.244.1.9"])).unwrap(),
+        &mut vec![],
+    )
+    .unwrap();
     let changes = t.drain();
-    let err = p.sync(&SyncInput { state: t.state(), changes: &changes, node: &node, force_full: false }).unwrap_err();
+    let err = p
+        .sync(&SyncInput {
+            state: t.state(),
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        })
+        .unwrap_err();
     match err {
         SyncError::Apply { tool, line, .. } => {
             assert_eq!(tool, "nft");
@@ -126,7 +225,14 @@ fn failed_transaction_reports_the_line_and_forces_full_sync() {
         other => panic!("{other}"),
     }
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
-    let r = p.sync(&SyncInput { state: t.state(), changes: &ChangeSet::default(), node: &node, force_full: false }).unwrap();
+    let r = p
+        .sync(&SyncInput {
+            state: t.state(),
+            changes: &ChangeSet::default(),
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
     assert!(r.full, "a failure is followed by a full sync");
 }
 
@@ -137,18 +243,31 @@ fn hostile_names_never_reach_nft() {
     let mut t = ChangeTracker::new(IpFamily::V4, "n");
     let bad = json!({"kind": "Service", "metadata": {"namespace": "ns", "name": "x\"; flush ruleset; \""},
         "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}});
-    assert!(t.update_service(&serde_json::from_value(bad).unwrap(), &mut vec![]).is_err());
+    assert!(
+        t.update_service(&serde_json::from_value(bad).unwrap(), &mut vec![])
+            .is_err()
+    );
     let runner = RecordingRunner::default();
     let mut p = NftProxier::new(runner.clone(), cfg());
     let long = "a".repeat(63);
     let mut t = tracker(&[svc(&long, "10.96.0.1"), slice(&long, &["10.244.1.2"])]);
     let changes = t.drain();
     let node = NodeInfo::default();
-    let r = p.sync(&SyncInput { state: t.state(), changes: &changes, node: &node, force_full: false }).unwrap();
+    let r = p
+        .sync(&SyncInput {
+            state: t.state(),
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let text = nft_input(&runner);
     assert!(!text.contains("flush ruleset"));
     for line in text.lines() {
-        assert!(!line.contains(';') || line.contains('{'), "only declarations use ';': {line}");
+        assert!(
+            !line.contains(';') || line.contains('{'),
+            "only declarations use ';': {line}"
+        );
     }
 }
