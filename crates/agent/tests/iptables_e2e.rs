@@ -3,72 +3,17 @@
 //!
 //! Needs root (network namespaces, iptables). Every test builds its own lab.
 
-use std::net::{IpAddr, SocketAddr};
+mod common;
+
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::*;
 use kp_testkit::lab::{Lab, http_get, localhost, wait_for};
 use kp_testkit::probe::{ProbeError, probe_tcp, probe_udp, tcp_connect_once};
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
 const REDIS: &str = include_str!("../../../examples/redis.yaml");
-const T: Duration = Duration::from_secs(2);
-
-fn lab_with_proxy(manifest: &str, extra: &[&str]) -> Lab {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests need root (network namespaces, iptables)"
-    );
-    let mut lab = Lab::new(1).expect("lab");
-    if !manifest.is_empty() {
-        lab.cluster.apply_manifest(manifest).expect("manifest");
-    }
-    lab.start_proxy(std::path::Path::new(BIN), 1, extra)
-        .expect("start proxy");
-    lab
-}
-
-fn svc_addr(lab: &Lab, ns: &str, name: &str, port: u16) -> SocketAddr {
-    let svc = lab
-        .emulator
-        .get("v1", "Service", Some(ns), name)
-        .expect("service exists");
-    let ip: IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
-    SocketAddr::new(ip, port)
-}
-
-/// Waits until a TCP connection from `ns` to `target` is answered by one of `pods`.
-fn wait_serving(lab: &Lab, ns: &str, target: SocketAddr, timeout: Duration) {
-    let ok = wait_for(timeout, || tcp_connect_once(ns, target, T).ok());
-    assert!(
-        ok.is_some(),
-        "{target} never answered from {ns}; proxy log:\n{}",
-        lab.proxy_log(1)
-    );
-}
-
-fn pods_of(lab: &Lab, app_prefix: &str) -> Vec<String> {
-    let mut v: Vec<String> = lab
-        .cluster
-        .pods()
-        .into_iter()
-        .filter(|p| p.name.starts_with(app_prefix))
-        .map(|p| p.name)
-        .collect();
-    v.sort();
-    v
-}
-
-fn strip_counters(s: &str) -> String {
-    s.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.find(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 #[test]
 fn redis_walkthrough_reaches_both_pods() {
@@ -77,7 +22,7 @@ fn redis_walkthrough_reaches_both_pods() {
     let ext = lab.topology().ext().ns.clone();
     let node = lab.node_ns(1);
     wait_serving(&lab, &ext, target, Duration::from_secs(20));
-    let pods = pods_of(&lab, "redis-");
+    let pods = pod_names(&lab, "redis-");
     assert_eq!(pods.len(), 2);
 
     for (from, what) in [
@@ -293,7 +238,7 @@ fn scaling_is_followed_and_bursts_coalesce() {
         lab.cluster
             .scale("default", "redis", replicas as u32)
             .unwrap();
-        let want = pods_of(&lab, "redis-");
+        let want = pod_names(&lab, "redis-");
         assert_eq!(want.len(), replicas);
         let seen = wait_for(Duration::from_secs(15), || {
             let r = probe_tcp(&ext, target, 30, T).ok()?;
@@ -421,7 +366,7 @@ fn dropped_watches_and_410_change_nothing_and_later_changes_apply() {
 
     // The next change is still applied.
     lab.cluster.scale("default", "redis", 3).unwrap();
-    let want = pods_of(&lab, "redis-");
+    let want = pod_names(&lab, "redis-");
     let seen = wait_for(Duration::from_secs(15), || {
         let r = probe_tcp(&ext, target, 30, T).ok()?;
         (r.answers.len() == 3).then_some(())
@@ -492,17 +437,6 @@ fn cleanup_restores_the_tables_as_they_were() {
         strip_counters(&lab.iptables_save(1, "filter").unwrap()),
         filter_before
     );
-}
-
-fn metric(lab: &Lab, name: &str) -> f64 {
-    let (_, m) = http_get(&lab.node_ns(1), localhost(10249), "/metrics").unwrap();
-    m.lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l.len() == name.len() || matches!(l.as_bytes()[name.len()], b' ' | b'{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
@@ -580,8 +514,9 @@ fn failing_iptables_restore_is_logged_counted_retried() {
     lab.cluster.scale("default", "redis", 3).unwrap();
     let failed = wait_for(Duration::from_secs(10), || {
         (metric(
-            &lab,
+            &metrics(&lab, 1),
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+            &[],
         ) >= 2.0)
             .then_some(())
     });
@@ -592,8 +527,9 @@ fn failing_iptables_restore_is_logged_counted_retried() {
     );
     assert!(
         metric(
-            &lab,
-            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total"
+            &metrics(&lab, 1),
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+            &[]
         ) >= 1.0
     );
     let log = lab.proxy_log(1);
@@ -752,8 +688,9 @@ fn invalid_objects_are_skipped_and_unusual_ones_work() {
     }
     assert_eq!(
         metric(
-            &lab,
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+            &metrics(&lab, 1),
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+            &[]
         ),
         0.0
     );

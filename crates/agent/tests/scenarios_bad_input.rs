@@ -1,69 +1,29 @@
 //! Bad input on the Service-feature side: each problem gets a warning naming the object
 //! (and an Event where upstream emits one) and everything else keeps working. Needs root.
 
+mod common;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use kp_testkit::lab::{Lab, http_get, wait_for};
+use common::*;
+use kp_testkit::lab::{http_get, wait_for};
 use kp_testkit::netns::bind_tcp_in;
 use kp_testkit::probe::{probe_tcp, tcp_connect_once};
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
-const T: Duration = Duration::from_secs(2);
-
-fn mode_flag() -> String {
-    format!(
-        "--proxy-mode={}",
-        std::env::var("KP_PROXY_MODE").unwrap_or_else(|_| "iptables".into())
-    )
-}
-
-fn web_manifest(name: &str, spec_extra: serde_json::Value) -> String {
-    let mut spec = json!({"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]});
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), spec_extra.as_object()) {
-        for (k, v) in e {
-            s.insert(k.clone(), v.clone());
-        }
-    }
-    let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "default"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [
-                {"name": "web", "ports": [{"containerPort": 8080}]}]}}}});
-    let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec});
-    format!(
-        "{}\n---\n{}",
-        serde_yaml::to_string(&deploy).unwrap(),
-        serde_yaml::to_string(&svc).unwrap()
-    )
-}
-
-fn wait_log(lab: &Lab, needle: &[&str]) -> bool {
-    wait_for(Duration::from_secs(15), || {
-        lab.proxy_log(1)
-            .lines()
-            .any(|l| needle.iter().all(|n| l.contains(n)))
-            .then_some(())
-    })
-    .is_some()
-}
-
 #[test]
 fn health_check_port_in_use_warns_with_an_event_and_others_keep_working() {
-    assert!(nix::unistd::geteuid().is_root());
-    let mut lab = Lab::new(1).unwrap();
+    let mut lab = new_lab(1);
     let node = lab.node_ns(1);
     // Someone else holds 32200 on the node.
     let _squatter: TcpListener =
         bind_tcp_in(&node, SocketAddr::from(([0, 0, 0, 0], 32200))).unwrap();
-    lab.cluster
-        .apply_manifest(&web_manifest("blocked", json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32200})))
-        .unwrap();
-    lab.cluster
-        .apply_manifest(&web_manifest("fine", json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32201})))
-        .unwrap();
-    lab.start_proxy(Path::new(BIN), 1, &[&mode_flag()]).unwrap();
+    let lb = |port: u16| json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": port});
+    deploy(&mut lab, "blocked", "blocked", 1, Some(lb(32200)));
+    deploy(&mut lab, "fine", "fine", 1, Some(lb(32201)));
+    start(&mut lab, 1, &[]);
     assert!(
         wait_log(
             &lab,
@@ -114,14 +74,21 @@ fn health_check_port_in_use_warns_with_an_event_and_others_keep_working() {
 
 #[test]
 fn clashing_node_ports_bad_source_ranges_and_unproxied_families_warn() {
-    assert!(nix::unistd::geteuid().is_root());
-    let mut lab = Lab::new(1).unwrap();
-    lab.cluster
-        .apply_manifest(&web_manifest("first", json!({"type": "NodePort"})))
-        .unwrap();
-    lab.cluster
-        .apply_manifest(&web_manifest("second", json!({"type": "NodePort"})))
-        .unwrap();
+    let mut lab = new_lab(1);
+    deploy(
+        &mut lab,
+        "first",
+        "first",
+        1,
+        Some(json!({"type": "NodePort"})),
+    );
+    deploy(
+        &mut lab,
+        "second",
+        "second",
+        1,
+        Some(json!({"type": "NodePort"})),
+    );
     // A broken writer gives "second" the NodePort of "first".
     let first = lab
         .emulator
@@ -154,7 +121,7 @@ fn clashing_node_ports_bad_source_ranges_and_unproxied_families_warn() {
     }
     lab.proxy_env
         .push(("PATH".into(), format!("{}:/usr/bin:/bin", bin.display())));
-    lab.start_proxy(Path::new(BIN), 1, &[&mode_flag()]).unwrap();
+    start(&mut lab, 1, &[]);
 
     assert!(
         wait_log(&lab, &["default/second", "already used by default/first"]),
