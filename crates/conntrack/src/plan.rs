@@ -37,8 +37,9 @@ pub struct FlowEntry {
     pub reply_dport: u16,
     /// Conntrack zone (`CTA_ZONE`); 0 is the default zone.
     pub zone: u16,
-    /// Kernel entry id (`CTA_ID`); sent with the delete so a recreated entry with the
-    /// same tuple is not removed by mistake.
+    /// Kernel entry id (`CTA_ID`); sent with the delete so that, usually, a recreated
+    /// entry with the same tuple is not removed by mistake. Not a guarantee: the id
+    /// hashes the object's address, which the allocator may reuse.
     pub id: Option<u32>,
     /// `CTA_STATUS` bits (IPS_*), for diagnostics.
     pub status: u32,

@@ -273,19 +273,30 @@ fn removed_endpoint_entry_is_deleted_and_the_flow_moves() {
         "a TCP entry exists: {tcp_seen}"
     );
 
-    // Deleting the old entry again: it is gone, and its id does not match the new
-    // entry with the same tuple, so nothing is deleted and that is not an error.
+    // Deleting the old entry again is not an error. The kernel's entry id hashes the
+    // object's address and original tuple, so when the allocator hands the same
+    // slot to the new flow the ids match and the fresh entry may go too (seen in
+    // CI: deleted == 1). That is harmless for UDP: the next datagram is DNATed
+    // afresh to the current endpoint.
     let deleted = in_netns(&bed.node_ns(), || {
         Conntrack::open().expect("open").delete(&[stale_entry])
     })
     .expect("enter node")
     .expect("delete of a gone entry");
-    assert_eq!(deleted, 0);
+    assert!(deleted <= 1, "at most the same-tuple entry: {deleted}");
+    bed.send(40000, svc, 2);
+    assert_eq!(
+        wait_count(5, || from_ext(b, ext)),
+        5,
+        "the flow still reaches pod b"
+    );
+    settle();
+    assert_eq!(from_ext(a, ext), 8, "pod a still gets nothing more");
     assert!(
         bed.list()
             .iter()
             .any(|e| e.orig_dst == svc && e.orig_sport == 40000 && e.reply_src == *b_ip),
-        "the new entry with the same tuple survives"
+        "an entry to pod b exists for the tuple"
     );
 }
 
