@@ -5,10 +5,8 @@
 mod names;
 mod proxier;
 mod render;
-mod slots;
 mod txn;
 
 pub use names::{endpoint_object, service_chain};
 pub use proxier::NftProxier;
 pub use render::{NftConfig, ServiceObjects, render_service, skeleton};
-pub use slots::SlotAllocator;

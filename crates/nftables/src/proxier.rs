@@ -11,7 +11,6 @@ use kp_model::{
 
 use crate::names::is_safe_name;
 use crate::render::*;
-use crate::slots::SlotAllocator;
 use crate::txn::Tx;
 
 pub struct NftProxier<R: CommandRunner> {
@@ -20,10 +19,17 @@ pub struct NftProxier<R: CommandRunner> {
     needs_full: bool,
     /// What the kernel holds, per service (all its ports merged).
     current: HashMap<NamespacedName, ServiceObjects>,
-    slots: SlotAllocator,
+    /// How many services use each `hairpin-endpoints` element.
+    hairpin_refs: HashMap<String, u32>,
     /// Which service owns each NodePort (first claimant wins; clashes are warned about).
     node_ports: HashMap<(Protocol, u16), NamespacedName>,
+    /// Sends transactions over nfnetlink; `nft -f` reads the whole table into its cache
+    /// first (about 1 s at 10k services). `None`: every transaction goes to `nft -f`.
+    netlink: Option<kp_nftnl::NetlinkApplier>,
 }
+
+/// Which program applies transactions: `KUBE_PROXY_RS_NFT_APPLIER=nft` forces `nft -f`.
+pub const APPLIER_ENV: &str = "KUBE_PROXY_RS_NFT_APPLIER";
 
 fn ports_of<'a>(
     state: &'a ProxyState,
@@ -52,9 +58,30 @@ impl<R: CommandRunner> NftProxier<R> {
             cfg,
             needs_full: true,
             current: HashMap::new(),
-            slots: SlotAllocator::default(),
+            hairpin_refs: HashMap::new(),
             node_ports: HashMap::new(),
+            netlink: None,
         }
+    }
+
+    /// Applies transactions over nfnetlink from now on (the socket belongs to the
+    /// caller's network namespace), unless [`APPLIER_ENV`] says `nft` or the socket
+    /// cannot be opened; then `nft -f` stays in charge.
+    pub fn with_netlink_applier(mut self) -> Self {
+        if std::env::var(APPLIER_ENV).is_ok_and(|v| v == "nft") {
+            tracing::info!("{APPLIER_ENV}=nft: transactions go through nft -f");
+            return self;
+        }
+        match kp_nftnl::NetlinkApplier::open() {
+            Ok(a) => self.netlink = Some(a),
+            Err(e) => tracing::warn!(error = %e, "nfnetlink socket unavailable; using nft -f"),
+        }
+        self
+    }
+
+    /// `netlink` or `nft`: what applies the next transaction.
+    pub fn applier(&self) -> &'static str {
+        if self.netlink.is_some() { "netlink" } else { "nft" }
     }
 
     fn render(
@@ -70,7 +97,7 @@ impl<R: CommandRunner> NftProxier<R> {
             let cat =
                 categorize_endpoints(port, state.endpoints_of(&port.name), &input.node.topology);
             let mut o =
-                render_service(&self.cfg, port, &cat, &input.node.node_ips, &mut self.slots);
+                render_service(&self.cfg, port, &cat, &input.node.node_ips);
             if let Some(np) = port.node_port {
                 match self.node_ports.get(&(port.protocol, np)) {
                     Some(owner) if owner != svc => {
@@ -93,6 +120,7 @@ impl<R: CommandRunner> NftProxier<R> {
             merged.chains.extend(o.chains);
             merged.elements.extend(o.elements);
             merged.affinity_sets.extend(o.affinity_sets);
+            merged.hairpin.extend(o.hairpin);
         }
         let bad: Vec<String> = merged
             .chains
@@ -122,7 +150,6 @@ impl<R: CommandRunner> NftProxier<R> {
         input: &SyncInput<'_>,
         warnings: &mut Vec<String>,
     ) -> (Tx, HashMap<NamespacedName, ServiceObjects>) {
-        self.slots.clear();
         self.node_ports.clear();
         let mut tx = Tx::new(self.cfg.nft_family());
         tx.replace_table();
@@ -181,6 +208,8 @@ impl<R: CommandRunner> NftProxier<R> {
                 .iter()
                 .map(|((s, k), v)| (s.as_str(), k.as_str(), v.as_str()))
         }));
+        let hairpin: BTreeSet<&String> = all.values().flat_map(|o| &o.hairpin).collect();
+        tx.add_elements(hairpin.into_iter().map(|k| (HAIRPIN_ENDPOINTS, k.as_str(), "")));
         (tx, all)
     }
 
@@ -199,6 +228,7 @@ impl<R: CommandRunner> NftProxier<R> {
         let mut add_elems: Vec<(String, String, String)> = Vec::new();
         let mut del_chains: Vec<String> = Vec::new();
         let mut del_sets: Vec<String> = Vec::new();
+        let mut hairpin_delta: HashMap<String, i64> = HashMap::new();
         for svc in &input.changes.services {
             let new = self.render(input.state, input, svc, warnings);
             let old = self.current.get(svc).unwrap_or(&empty);
@@ -238,12 +268,25 @@ impl<R: CommandRunner> NftProxier<R> {
             for c in old.chains.keys() {
                 if !new.chains.contains_key(c) {
                     del_chains.push(c.clone());
-                    if !is_endpoint_chain(c) {
-                        self.slots.release(c);
-                    }
                 }
             }
+            for k in new.hairpin.difference(&old.hairpin) {
+                *hairpin_delta.entry(k.clone()).or_default() += 1;
+            }
+            for k in old.hairpin.difference(&new.hairpin) {
+                *hairpin_delta.entry(k.clone()).or_default() -= 1;
+            }
             updates.push((svc.clone(), new));
+        }
+        for (k, d) in &hairpin_delta {
+            let before = i64::from(self.hairpin_refs.get(k).copied().unwrap_or(0));
+            match (before, before + d) {
+                (0, after) if after > 0 => {
+                    add_elems.push((HAIRPIN_ENDPOINTS.into(), k.clone(), String::new()))
+                }
+                (b, 0) if b > 0 => del_elems.push((HAIRPIN_ENDPOINTS.into(), k.clone())),
+                _ => {}
+            }
         }
         // Order matters within the transaction: drop references before their targets go.
         tx.delete_elements(del_elems.iter().map(|(s, k)| (s.as_str(), k.as_str())));
@@ -289,6 +332,46 @@ impl<R: CommandRunner> NftProxier<R> {
             }
         }
         (tx, updates)
+    }
+
+    fn apply(&mut self, text: &str) -> Result<(), SyncError> {
+        let Some(netlink) = self.netlink.as_mut() else {
+            return self.run_nft(text);
+        };
+        match netlink.apply(text) {
+            Ok(_) => Ok(()),
+            // Syntax the netlink encoder does not know (a renderer change ahead of it):
+            // nft understands everything we write.
+            Err(kp_nftnl::NftnlError::Parse(e)) => {
+                tracing::warn!(error = %e, "transaction not encodable for netlink; using nft -f");
+                self.run_nft(text)
+            }
+            Err(kp_nftnl::NftnlError::Rejected {
+                line,
+                statement,
+                errno,
+                message,
+                more,
+            }) => Err(SyncError::Apply {
+                tool: "nfnetlink",
+                message: format!(
+                    "line {line}: {message} (errno {errno}){}",
+                    if more > 0 {
+                        format!(", {more} more errors")
+                    } else {
+                        String::new()
+                    }
+                ),
+                line: Some(statement),
+            }),
+            // Whether the batch was committed is unknown: report it, and the full sync
+            // that follows a failure replaces the table atomically either way.
+            Err(e) => Err(SyncError::Apply {
+                tool: "nfnetlink",
+                message: e.to_string(),
+                line: None,
+            }),
+        }
     }
 
     fn run_nft(&self, text: &str) -> Result<(), SyncError> {
@@ -378,20 +461,33 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         let mut warnings = Vec::new();
         if full {
             let (tx, all) = self.full_tx(input, &mut warnings);
-            self.run_nft(&tx.text)?;
+            self.apply(&tx.text)?;
+            self.hairpin_refs.clear();
+            for k in all.values().flat_map(|o| &o.hairpin) {
+                *self.hairpin_refs.entry(k.clone()).or_default() += 1;
+            }
             self.current = all;
             self.needs_full = false;
             return Ok(self.report(true, tx.text.len(), tx.ops, input.state, input, warnings));
         }
-        let saved_slots = self.slots.clone();
         let (tx, updates) = self.partial_tx(input, &mut warnings);
-        if tx.ops > 0
-            && let Err(e) = self.run_nft(&tx.text)
-        {
-            self.slots = saved_slots;
-            return Err(e);
+        if tx.ops > 0 {
+            self.apply(&tx.text)?;
         }
         for (svc, o) in updates {
+            if let Some(old) = self.current.get(&svc) {
+                for k in &old.hairpin {
+                    if let Some(n) = self.hairpin_refs.get_mut(k) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.hairpin_refs.remove(k);
+                        }
+                    }
+                }
+            }
+            for k in &o.hairpin {
+                *self.hairpin_refs.entry(k.clone()).or_default() += 1;
+            }
             if o.chains.is_empty() && o.elements.is_empty() {
                 self.current.remove(&svc);
             } else {
@@ -430,7 +526,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         let text = format!("add table {f} {TABLE}\ndelete table {f} {TABLE}\n");
         self.run_nft(&text)?;
         self.current.clear();
-        self.slots.clear();
+        self.hairpin_refs.clear();
         self.needs_full = true;
         Ok(())
     }

@@ -50,7 +50,7 @@ fn nft_input(runner: &RecordingRunner) -> String {
 }
 
 #[test]
-fn full_sync_replaces_the_table_atomically_with_shared_slot_map() {
+fn full_sync_replaces_the_table_atomically_with_endpoint_cascades() {
     let runner = RecordingRunner::default();
     let mut p = NftProxier::new(runner.clone(), cfg());
     let mut t = tracker(&[
@@ -81,12 +81,23 @@ fn full_sync_replaces_the_table_atomically_with_shared_slot_map() {
     assert!(text.contains(
         "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }"
     ));
+    // The endpoint cascade: 1/2, then the rest.
+    let cascade: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("dnat to 10.244."))
+        .collect();
+    assert_eq!(cascade.len(), 2, "{text}");
     assert!(
-        text.contains("numgen random mod 2 offset 0 vmap @endpoint-slots"),
-        "{text}"
+        cascade[0].ends_with("numgen random mod 2 0 meta l4proto tcp dnat to 10.244.1.2:8080"),
+        "{cascade:?}"
     );
     assert!(
-        text.contains("add element ip kube-proxy endpoint-slots { 0 : goto endpoint-"),
+        cascade[1].ends_with("/p meta l4proto tcp dnat to 10.244.1.3:8080"),
+        "{cascade:?}"
+    );
+    assert!(!text.contains("kube-proxy endpoint-"), "no endpoint chains without affinity: {text}");
+    assert!(
+        text.contains("add element ip kube-proxy hairpin-endpoints { 10.244.1.2 . 10.244.1.2, 10.244.1.3 . 10.244.1.3"),
         "{text}"
     );
     assert!(
@@ -157,11 +168,16 @@ fn partial_sync_sends_only_the_difference_and_never_lists() {
     );
     assert!(text.contains("dnat to 10.244.1.200:8080"));
     assert!(
-        text.contains("delete chain ip kube-proxy endpoint-"),
-        "old endpoint chain removed:\n{text}"
+        text.contains("flush chain ip kube-proxy service-"),
+        "the service chain is rewritten:\n{text}"
     );
     assert!(
-        text.contains("delete element ip kube-proxy endpoint-slots"),
+        text.contains("delete element ip kube-proxy hairpin-endpoints { 10.244.1.7 . 10.244.1.7 }")
+            || text.contains("delete element ip kube-proxy hairpin-endpoints"),
+        "{text}"
+    );
+    assert!(
+        text.contains("add element ip kube-proxy hairpin-endpoints { 10.244.1.200 . 10.244.1.200 }"),
         "{text}"
     );
     // Nothing changed: nothing sent.

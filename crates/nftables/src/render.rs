@@ -1,10 +1,12 @@
 //! State -> desired nftables objects, per service port (pure).
 //!
-//! Layout: upstream's table, base chains, helper chains and verdict maps, with one
-//! difference: endpoint selection goes through ONE shared map `endpoint-slots`
-//! (`numgen random mod N offset K vmap @endpoint-slots`), each service chain owning the
-//! slot range [K, K+N), instead of an anonymous `numgen` vmap per service, whose kernel
-//! cost grows with the number of other services (quadratic transactions upstream).
+//! Layout: upstream's table, base chains, helper chains and verdict maps. Endpoint
+//! selection differs (see the crate README for the measurements): a service chain ends
+//! with a cascade `numgen random mod (N-i) 0 dnat to EP_i` (the nftables form of
+//! iptables' `statistic` cascade) instead of an anonymous vmap per service, and the
+//! hairpin check is one set lookup in `masquerading` instead of a rule per endpoint
+//! chain. Endpoint chains remain only for ClientIP affinity. No set or map is referenced
+//! from more than a handful of rules, so no kernel operation walks a big map per service.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -13,7 +15,6 @@ use kp_dataplane::{LocalDetector, NodePortAddresses};
 use kp_model::{CategorizedEndpoints, IpFamily, ServicePort};
 
 use crate::names::{endpoint_object, service_chain};
-use crate::slots::SlotAllocator;
 
 pub const TABLE: &str = "kube-proxy";
 pub const SERVICE_IPS: &str = "service-ips";
@@ -23,7 +24,7 @@ pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const FIREWALL_IPS: &str = "firewall-ips";
 pub const CLUSTER_IPS: &str = "cluster-ips";
 pub const NODEPORT_IPS: &str = "nodeport-ips";
-pub const ENDPOINT_SLOTS: &str = "endpoint-slots";
+pub const HAIRPIN_ENDPOINTS: &str = "hairpin-endpoints";
 
 /// Settings of the nftables mode for one family.
 #[derive(Debug, Clone)]
@@ -98,6 +99,9 @@ pub struct ServiceObjects {
     pub elements: BTreeMap<(String, String), String>,
     /// Affinity sets (name -> timeout seconds).
     pub affinity_sets: BTreeMap<String, u32>,
+    /// Endpoint IPs (`hairpin-endpoints` keys `ip . ip`); shared between services, so the
+    /// proxier reference-counts them.
+    pub hairpin: BTreeSet<String>,
 }
 
 pub fn skeleton(cfg: &NftConfig) -> Skeleton {
@@ -170,12 +174,13 @@ pub fn skeleton(cfg: &NftConfig) -> Skeleton {
         set(NO_ENDPOINT_SERVICES, true, format!("type {tuple} ; comment \"vmap to drop or reject packets to services with no endpoints\" ;")),
         set(NO_ENDPOINT_NODEPORTS, true, "type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ;".into()),
         set(FIREWALL_IPS, true, format!("type {tuple} ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ;")),
-        set(ENDPOINT_SLOTS, true, "typeof numgen random mod 1 : verdict ; comment \"endpoint selection: service chain slot range -> endpoint chain\" ;".into()),
+        set(HAIRPIN_ENDPOINTS, false, format!("type {a} . {a} ; comment \"endpoint . endpoint: a pod reaching itself through a service is masqueraded\" ;")),
     ];
     let mut chain = |name: &str, rules: Vec<String>| {
         s.chains.insert(name.to_string(), rules);
     };
     let daddr = format!("{f} daddr");
+    let daddr_s = format!("{f} saddr");
     let not_lo = format!("{daddr} != {}", cfg.loopback());
     let np_match = if cfg.node_port_addresses.match_all() {
         format!("fib daddr type local {not_lo}")
@@ -226,6 +231,7 @@ pub fn skeleton(cfg: &NftConfig) -> Skeleton {
     chain(
         "masquerading",
         vec![
+            format!("{daddr_s} . {daddr} @{HAIRPIN_ENDPOINTS} jump mark-for-masquerade"),
             format!("meta mark and {mark} == 0 return"),
             format!("meta mark set meta mark xor {mark}"),
             "masquerade fully-random".into(),
@@ -300,13 +306,12 @@ fn sanitize_ifname(s: &str) -> String {
         .collect()
 }
 
-/// Renders one service port. `slots` assigns slot ranges to the service and local chains.
+/// Renders one service port.
 pub fn render_service(
     cfg: &NftConfig,
     svc: &ServicePort,
     cat: &CategorizedEndpoints,
     node_ips: &[IpAddr],
-    slots: &mut SlotAllocator,
 ) -> ServiceObjects {
     let f = cfg.nft_family();
     let mut o = ServiceObjects::default();
@@ -461,7 +466,7 @@ pub fn render_service(
             )
         })
     };
-    let mut used_slot_owners = BTreeSet::new();
+    let affinity = svc.session_affinity_timeout.is_some();
     for (chain, eps, is_internal) in [
         (
             &cluster_chain,
@@ -482,40 +487,52 @@ pub fn render_service(
         if is_internal && has_internal {
             rules.extend(masq.clone());
         }
-        if svc.session_affinity_timeout.is_some() {
+        if affinity {
             for ep in eps {
                 let set = endpoint_object("affinity-", &svc.name, &ep.ip, ep.port);
                 let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
                 rules.push(format!("{f} saddr @{set} goto {epc}"));
             }
         }
-        let base = slots.assign(chain, eps.len() as u32);
-        used_slot_owners.insert(chain.clone());
-        rules.push(format!(
-            "numgen random mod {} offset {base} vmap @{ENDPOINT_SLOTS}",
-            eps.len()
-        ));
+        // Endpoint i is taken with probability 1/(N-i) once 0..i were passed over: 1/N
+        // each, as iptables' statistic cascade.
+        let n = eps.len();
         for (i, ep) in eps.iter().enumerate() {
-            let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
-            el(
-                ENDPOINT_SLOTS,
-                (base + i as u32).to_string(),
-                format!("goto {epc}"),
-            );
+            let pick = if i + 1 < n {
+                format!("numgen random mod {} 0 ", n - i)
+            } else {
+                String::new()
+            };
+            let target = if affinity {
+                format!(
+                    "goto {}",
+                    endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port)
+                )
+            } else {
+                let dst = std::net::SocketAddr::new(ep.ip, ep.port);
+                format!("meta l4proto {proto} dnat to {dst}")
+            };
+            rules.push(format!("{pick}{target}"));
         }
         o.chains.insert(chain.clone(), rules);
     }
     for ep in &cat.all_reachable {
+        o.hairpin.insert(format!("{} . {}", ep.ip, ep.ip));
+        let Some(t) = svc.session_affinity_timeout else {
+            continue;
+        };
         let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
-        let mut rules = vec![format!("{f} saddr {} jump mark-for-masquerade", ep.ip)];
-        if let Some(t) = svc.session_affinity_timeout {
-            let set = endpoint_object("affinity-", &svc.name, &ep.ip, ep.port);
-            rules.push(format!("update @{set} {{ {f} saddr }}"));
-            o.affinity_sets.insert(set, t);
-        }
+        let set = endpoint_object("affinity-", &svc.name, &ep.ip, ep.port);
+        o.affinity_sets.insert(set.clone(), t);
         let dst = std::net::SocketAddr::new(ep.ip, ep.port);
-        rules.push(format!("meta l4proto {proto} dnat to {dst}"));
-        o.chains.insert(epc, rules);
+        o.chains.insert(
+            epc,
+            vec![
+                format!("{f} saddr {} jump mark-for-masquerade", ep.ip),
+                format!("update @{set} {{ {f} saddr }}"),
+                format!("meta l4proto {proto} dnat to {dst}"),
+            ],
+        );
     }
     o
 }

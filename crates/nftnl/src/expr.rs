@@ -305,6 +305,21 @@ pub(crate) fn encode_rule(
                 });
                 e.lookup(map, None, true, false);
             }
+            RuleItem::NumgenEq { modulus, value } => {
+                e.expr("numgen", |m| {
+                    m.u32(1, NFT_REG_1);
+                    m.u32(2, *modulus);
+                    m.u32(3, 1); // NFT_NG_RANDOM
+                });
+                e.cmp(false, &value.to_ne_bytes());
+            }
+            RuleItem::AddrPairSet { first, second, set } => {
+                let (off, len) = addr_offset(family, *first);
+                e.payload(concat_reg(0), NFT_PAYLOAD_NETWORK_HEADER, off, len);
+                let (off2, len2) = addr_offset(family, *second);
+                e.payload(concat_reg(len / 4), NFT_PAYLOAD_NETWORK_HEADER, off2, len2);
+                e.lookup(set, None, false, false);
+            }
             RuleItem::MarkSet { xor, value } => {
                 e.meta_load(NFT_META_MARK, NFT_REG_1);
                 let mask = if *xor { u32::MAX } else { !value };

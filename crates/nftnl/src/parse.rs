@@ -159,6 +159,17 @@ pub enum RuleItem {
         offset: u32,
         map: String,
     },
+    /// `numgen random mod N V` (equality; the endpoint cascade).
+    NumgenEq {
+        modulus: u32,
+        value: u32,
+    },
+    /// `ip saddr . ip daddr @set`
+    AddrPairSet {
+        first: Dir,
+        second: Dir,
+        set: String,
+    },
     /// `meta mark set meta mark or|xor V` (`xor` = true for xor).
     MarkSet {
         xor: bool,
@@ -653,7 +664,19 @@ impl P<'_> {
                         "daddr" => Dir::Daddr,
                         t => return Err(format!("unsupported {fam_kw} field `{t}`")),
                     };
-                    if self.eat(".") {
+                    if self.peek() == Some(".") && self.peek_at(1) == Some(fam_kw) {
+                        self.i += 2;
+                        let second = match self.next()? {
+                            "saddr" => Dir::Saddr,
+                            "daddr" => Dir::Daddr,
+                            t => return Err(format!("unsupported {fam_kw} field `{t}`")),
+                        };
+                        RuleItem::AddrPairSet {
+                            first: dir,
+                            second,
+                            set: self.set_ref()?,
+                        }
+                    } else if self.eat(".") {
                         self.expect("meta")?;
                         self.expect("l4proto")?;
                         self.expect(".")?;
@@ -707,11 +730,21 @@ impl P<'_> {
                     self.expect("mod")?;
                     let modulus = self.num()?;
                     let offset = if self.eat("offset") { self.num()? } else { 0 };
-                    self.expect("vmap")?;
-                    RuleItem::NumgenVmap {
-                        modulus,
-                        offset,
-                        map: self.set_ref()?,
+                    if self.eat("vmap") {
+                        RuleItem::NumgenVmap {
+                            modulus,
+                            offset,
+                            map: self.set_ref()?,
+                        }
+                    } else if offset == 0 {
+                        self.eat("==");
+                        let value = self.num()?;
+                        if value >= modulus {
+                            return Err(format!("numgen value {value} out of range"));
+                        }
+                        RuleItem::NumgenEq { modulus, value }
+                    } else {
+                        return Err("numgen offset outside a vmap".into());
                     }
                 }
                 "update" => {
