@@ -287,7 +287,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         cleanup_other_mode(&s, family, &initial_node);
         let dataplane: Box<dyn Dataplane> = if s.mode == ProxyMode::Nftables {
             let local = crate::kernel::local_addresses();
-            Box::new(kp_nftables::NftProxier::new(
+            let p = kp_nftables::NftProxier::new(
                 SystemRunner,
                 kp_nftables::NftConfig {
                     family,
@@ -297,7 +297,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                     node_port_ips: ipt_cfg.node_port_addresses.filter(&local),
                     node_port_addresses: ipt_cfg.node_port_addresses.clone(),
                 },
-            ))
+            )
+            .with_netlink_applier();
+            tracing::info!(family = family.k8s_name(), applier = p.applier(), "nftables mode");
+            Box::new(p)
         } else {
             Box::new(IptablesProxier::new(SystemRunner, ipt_cfg))
         };
