@@ -299,7 +299,11 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
                 },
             )
             .with_netlink_applier();
-            tracing::info!(family = family.k8s_name(), applier = p.applier(), "nftables mode");
+            tracing::info!(
+                family = family.k8s_name(),
+                applier = p.applier(),
+                "nftables mode"
+            );
             Box::new(p)
         } else {
             Box::new(IptablesProxier::new(SystemRunner, ipt_cfg))

@@ -285,6 +285,7 @@ fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -
                 rules_written = report.rules_written.values().sum::<usize>(),
                 bytes = report.bytes_written,
                 elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                apply_ms = report.apply_time.as_secs_f64() * 1000.0,
                 "synced proxy rules"
             );
             true

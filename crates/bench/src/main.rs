@@ -33,7 +33,7 @@ struct Args {
 
 fn endpoint_ip(svc: usize, ep: usize) -> String {
     let n = svc * 16 + ep;
-    format!("10.245.{}.{}", (n >> 8) & 255, n & 255)
+    format!("10.{}.{}.{}", 128 + (n >> 16), (n >> 8) & 255, n & 255)
 }
 
 fn slice(i: usize, eps: usize, shift: usize) -> serde_json::Value {
@@ -56,13 +56,18 @@ fn metric(ns: &str, name: &str) -> Option<f64> {
 }
 
 fn sync_times_ms(log: &str) -> Vec<(bool, f64)> {
+    log_field_ms(log, "elapsed_ms=")
+}
+
+/// (full, value) of `field` on every IPv4 "synced proxy rules" line.
+fn log_field_ms(log: &str, field: &str) -> Vec<(bool, f64)> {
     log.lines()
         .filter(|l| l.contains("synced proxy rules") && l.contains("family=IPv4"))
         .filter_map(|l| {
             let full = l.contains("full=true");
             let ms = l
                 .split_whitespace()
-                .find_map(|w| w.strip_prefix("elapsed_ms="))?
+                .find_map(|w| w.strip_prefix(field))?
                 .parse()
                 .ok()?;
             Some((full, ms))
@@ -70,13 +75,15 @@ fn sync_times_ms(log: &str) -> Vec<(bool, f64)> {
         .collect()
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// median, p99, min, max
+fn stats(v: &[f64]) -> (f64, f64, f64, f64) {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
+        return (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
     }
+    let p99 = v[((v.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];
+    (v[v.len() / 2], p99, v[0], v[v.len() - 1])
 }
 
 fn main() -> anyhow::Result<()> {
@@ -160,6 +167,14 @@ fn main() -> anyhow::Result<()> {
         .filter(|(full, _)| !full)
         .map(|x| x.1)
         .collect();
+    let applies = log_field_ms(&lab.proxy_log(1), "apply_ms=");
+    let first_apply = applies.first().map(|x| x.1).unwrap_or(f64::NAN);
+    let partial_apply: Vec<f64> = applies
+        .into_iter()
+        .skip(1)
+        .filter(|(full, _)| !full)
+        .map(|x| x.1)
+        .collect();
 
     // Kernel floor: load the final ruleset alone into a fresh namespace.
     lab.stop_proxy(1, false);
@@ -208,48 +223,71 @@ fn main() -> anyhow::Result<()> {
         }
         el
     };
-    let mut cm = change_ms.clone();
-    let mut pm = partial.clone();
-    let p99 = {
-        let mut v = change_ms.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(((v.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or(f64::NAN)
+    let (c50, c99, cmin, cmax) = stats(&change_ms);
+    let (p50, p99, pmin, pmax) = stats(&partial);
+    let (a50, a99, amin, amax) = stats(&partial_apply);
+    let applier = if nft {
+        "netlink batch, kernel time"
+    } else {
+        "iptables-restore run"
     };
     println!(
         "kube-proxy-rs {} mode: {} services x {} endpoints ({} rules)",
         args.mode, args.services, args.endpoints, rules
     );
-    println!("| measurement | value |");
-    println!("|---|---|");
+    println!("| measurement | median | p99 | min | max |");
+    println!("|---|---|---|---|---|");
     println!(
-        "| objects written to the emulator | {:.2} s |",
+        "| objects written to the emulator | {:.2} s | | | |",
         load_time.as_secs_f64()
     );
     println!(
-        "| cold start -> first sync committed (wall) | {:.0} ms |",
+        "| M1 cold start -> first sync committed (wall) | {:.0} ms | | | |",
         cold.as_secs_f64() * 1000.0
     );
-    println!("| first full sync (render + apply, proxy's own timer) | {first:.0} ms |");
+    println!("| M1 first full sync (render + apply, proxy's timer) | {first:.0} ms | | | |");
+    println!("| M1 of which apply ({applier}) | {first_apply:.0} ms | | | |");
     println!(
-        "| kernel floor: the same ruleset loaded alone, fresh netns | {:.0} ms |",
+        "| kernel floor: the final ruleset loaded alone by {}, fresh netns | {:.0} ms | | | |",
+        if nft { "nft -f" } else { "iptables-restore" },
         floor.as_secs_f64() * 1000.0
     );
     println!(
-        "| ratio full sync / floor | {:.2} |",
+        "| ratio full sync / floor | {:.2} | | | |",
         first / (floor.as_secs_f64() * 1000.0)
     );
     println!(
-        "| one endpoint change: API write -> committed, median of {} | {:.1} ms (p99 {:.1}) |",
-        change_ms.len(),
-        median(&mut cm),
-        p99
+        "| M3 endpoint change, API write -> committed (n={}) | {c50:.1} ms | {c99:.1} | {cmin:.1} | {cmax:.1} |",
+        change_ms.len()
     );
-    println!(
-        "| one endpoint change: partial sync (proxy's timer), median | {:.1} ms |",
-        median(&mut pm)
-    );
-    println!("| proxy peak RSS | {:.1} MiB |", rss / 1024.0);
+    println!("| M3 partial sync, proxy's timer | {p50:.1} ms | {p99:.1} | {pmin:.1} | {pmax:.1} |");
+    println!("| M3 of which apply ({applier}) | {a50:.2} ms | {a99:.2} | {amin:.2} | {amax:.2} |");
+    println!("| M7 proxy peak RSS | {:.1} MiB | | | |", rss / 1024.0);
+    if let Ok(path) = std::env::var("KP_BENCH_CSV") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        for (i, c) in change_ms.iter().enumerate() {
+            writeln!(
+                f,
+                "{},{},{},change_ms,{i},{c:.3}",
+                args.mode, args.services, args.endpoints
+            )?;
+        }
+        for (i, a) in partial_apply.iter().enumerate() {
+            writeln!(
+                f,
+                "{},{},{},apply_ms,{i},{a:.3}",
+                args.mode, args.services, args.endpoints
+            )?;
+        }
+        writeln!(
+            f,
+            "{},{},{},full_sync_ms,0,{first:.3}",
+            args.mode, args.services, args.endpoints
+        )?;
+    }
     Ok(())
 }

@@ -60,6 +60,9 @@ pub struct SyncReport {
     pub warnings: Vec<String>,
     /// Bytes handed to the kernel tool.
     pub bytes_written: usize,
+    /// Time spent applying: the kernel's processing of the netlink batch (nftables mode
+    /// with the netlink applier), else the whole tool run (`iptables-restore`, `nft -f`).
+    pub apply_time: std::time::Duration,
 }
 
 /// A failed sync. The next sync after a failure is a full one.

@@ -307,7 +307,9 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
             &self.known_chains,
             &self.rule_counts,
         );
+        let applying = std::time::Instant::now();
         self.restore(&rendered.text)?;
+        let apply_time = applying.elapsed();
         self.needs_full = false;
         self.known_chains = rendered.active_nat_chains;
         self.rule_counts = rendered.service_rule_counts;
@@ -320,6 +322,7 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
             health_checks: rendered.health_checks,
             warnings: rendered.warnings,
             bytes_written: rendered.text.len(),
+            apply_time,
         })
     }
 

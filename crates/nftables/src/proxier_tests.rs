@@ -95,7 +95,10 @@ fn full_sync_replaces_the_table_atomically_with_endpoint_cascades() {
         cascade[1].ends_with("/p meta l4proto tcp dnat to 10.244.1.3:8080"),
         "{cascade:?}"
     );
-    assert!(!text.contains("kube-proxy endpoint-"), "no endpoint chains without affinity: {text}");
+    assert!(
+        !text.contains("kube-proxy endpoint-"),
+        "no endpoint chains without affinity: {text}"
+    );
     assert!(
         text.contains("add element ip kube-proxy hairpin-endpoints { 10.244.1.2 . 10.244.1.2, 10.244.1.3 . 10.244.1.3"),
         "{text}"
@@ -177,7 +180,9 @@ fn partial_sync_sends_only_the_difference_and_never_lists() {
         "{text}"
     );
     assert!(
-        text.contains("add element ip kube-proxy hairpin-endpoints { 10.244.1.200 . 10.244.1.200 }"),
+        text.contains(
+            "add element ip kube-proxy hairpin-endpoints { 10.244.1.200 . 10.244.1.200 }"
+        ),
         "{text}"
     );
     // Nothing changed: nothing sent.
@@ -286,4 +291,84 @@ fn hostile_names_never_reach_nft() {
             "only declarations use ';': {line}"
         );
     }
+}
+
+fn big_state(n: usize) -> ChangeTracker {
+    let mut objs = Vec::new();
+    let ips: Vec<Vec<String>> = (0..n)
+        .map(|i| {
+            (0..10)
+                .map(|e| format!("10.244.{}.{}", i % 250, e + 2))
+                .collect()
+        })
+        .collect();
+    for (i, eps) in ips.iter().enumerate() {
+        let name = format!("s{i}");
+        objs.push(svc(&name, &format!("10.96.{}.{}", i / 250, i % 250 + 1)));
+        let refs: Vec<&str> = eps.iter().map(|s| s.as_str()).collect();
+        objs.push(slice(&name, &refs));
+    }
+    tracker(&objs)
+}
+
+fn full_sync_calls(table_present: bool) -> Vec<String> {
+    let runner = RecordingRunner::new(move |c| CommandOutput {
+        status: 0,
+        stdout: if table_present && c.args.first().map(String::as_str) == Some("list") {
+            "table ip kube-proxy {\n\tchain nat-prerouting {\n\t\tjump services\n\t}\n}\n".into()
+        } else {
+            String::new()
+        },
+        stderr: String::new(),
+    });
+    let mut p = NftProxier::new(runner.clone(), cfg());
+    let mut t = big_state(300);
+    let changes = t.drain();
+    let node = NodeInfo::default();
+    p.sync(&SyncInput {
+        state: t.state(),
+        changes: &changes,
+        node: &node,
+        force_full: false,
+    })
+    .unwrap();
+    runner
+        .calls()
+        .iter()
+        .filter(|c| c.args == ["-f", "-"])
+        .filter_map(|c| c.stdin.clone())
+        .collect()
+}
+
+#[test]
+fn cold_full_sync_is_split_into_bounded_transactions() {
+    let parts = full_sync_calls(false);
+    assert!(parts.len() > 1, "{} transactions", parts.len());
+    assert!(parts[0].starts_with("add table ip kube-proxy\n"));
+    for p in &parts {
+        let statements = p.lines().filter(|l| !l.starts_with('#')).count();
+        assert!(statements <= TRANSACTION_STATEMENTS, "{statements}");
+    }
+    // Every object is created before anything refers to it: the chain of each rule and
+    // each goto target was added in this or an earlier transaction.
+    let mut chains = std::collections::HashSet::new();
+    for line in parts.iter().flat_map(|p| p.lines()) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with("add chain") {
+            chains.insert(w[4].to_string());
+        } else if line.starts_with("add rule") {
+            assert!(chains.contains(w[4]), "rule before its chain: {line}");
+        }
+        if let Some(pos) = w.iter().position(|t| *t == "goto" || *t == "jump") {
+            let target = w[pos + 1].trim_end_matches([',', '}']);
+            assert!(chains.contains(target), "reference before target: {line}");
+        }
+    }
+}
+
+#[test]
+fn full_sync_over_an_existing_table_stays_one_transaction() {
+    let parts = full_sync_calls(true);
+    assert_eq!(parts.len(), 1);
+    assert!(parts[0].lines().count() > TRANSACTION_STATEMENTS);
 }

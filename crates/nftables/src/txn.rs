@@ -6,10 +6,18 @@ use crate::render::{BaseChain, SetDecl, TABLE};
 /// Elements per `add element` line (keeps lines, and the kernel's per-message lists, bounded).
 const ELEMENTS_PER_LINE: usize = 500;
 
+/// Separates the transactions of a split sync; each part is applied (and committed) alone.
+pub const COMMIT_MARKER: &str = "# commit\n";
+
 pub struct Tx {
     family: &'static str,
     pub text: String,
     pub ops: usize,
+    /// Statements per transaction when splitting; `None`: one transaction.
+    split_at: Option<usize>,
+    since_commit: usize,
+    /// Inside a group that must stay in one transaction.
+    atomic: bool,
 }
 
 impl Tx {
@@ -18,14 +26,39 @@ impl Tx {
             family,
             text: String::new(),
             ops: 0,
+            split_at: None,
+            since_commit: 0,
+            atomic: false,
         }
+    }
+
+    /// From now on, start a new transaction every `ops` statements, never inside an
+    /// [`Tx::atomic`] group.
+    pub fn split_every(&mut self, ops: usize) {
+        self.split_at = Some(ops.max(1));
+    }
+
+    /// Runs `f` with no transaction boundary inside it.
+    pub fn atomic(&mut self, f: impl FnOnce(&mut Tx)) {
+        let outer = self.atomic;
+        self.atomic = true;
+        f(self);
+        self.atomic = outer;
     }
 
     fn line(&mut self, l: std::fmt::Arguments<'_>) {
         use std::fmt::Write;
+        if let Some(limit) = self.split_at
+            && !self.atomic
+            && self.since_commit >= limit
+        {
+            self.text.push_str(COMMIT_MARKER);
+            self.since_commit = 0;
+        }
         let _ = self.text.write_fmt(l);
         self.text.push('\n');
         self.ops += 1;
+        self.since_commit += 1;
     }
 
     /// `add table; delete table; add table`: an atomic replace (nft 1.0.6 has no `destroy`).
