@@ -154,10 +154,13 @@ fn main() -> anyhow::Result<()> {
         let before = sync_times_ms(&lab.proxy_log(1)).len();
         let t = Instant::now();
         emu.apply(slice(mid, args.endpoints, c))?;
-        wait_for(Duration::from_secs(60), || {
-            (sync_times_ms(&lab.proxy_log(1)).len() > before).then_some(())
-        })
-        .context("change never synced")?;
+        // Poll the log every millisecond (the lab's wait_for sleeps 50 ms between checks).
+        while sync_times_ms(&lab.proxy_log(1)).len() <= before {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("change never synced");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         change_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         let _ = want;
     }
