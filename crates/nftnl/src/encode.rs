@@ -6,7 +6,8 @@ use std::net::IpAddr;
 
 use crate::expr::{encode_rule, value_attr, verdict_attr};
 use crate::parse::{
-    Element, Family, KeyField, KeyPart, SetKey, SetSpec, Statement, Stmt, addr_bits,
+    Dir, Element, Family, KeyField, KeyPart, SetKey, SetSpec, Statement, Stmt, TypeofExpr,
+    addr_bits,
 };
 
 pub(crate) const NLM_F_REQUEST: u16 = 0x1;
@@ -233,6 +234,7 @@ impl Batch {
                         element(&Element {
                             key: k.clone(),
                             value: None,
+                            data: None,
                         })
                     })
                     .collect();
@@ -366,7 +368,7 @@ fn new_set(table: &str, name: &str, spec: &SetSpec, id: u32) -> Msg {
     m.str(1, table);
     m.str(2, name);
     let mut flags = 0;
-    if spec.verdict_map {
+    if spec.verdict_map || spec.data.is_some() {
         flags |= NFT_SET_MAP;
     }
     if spec.timeout_flag {
@@ -392,6 +394,10 @@ fn new_set(table: &str, name: &str, spec: &SetSpec, id: u32) -> Msg {
             (t, l, 0)
         }
         SetKey::NumgenRandom { .. } => (4, 4, 1),
+        SetKey::Typeof(exprs) => {
+            let (t, l) = concat_type(exprs);
+            (t, l, 0)
+        }
     };
     m.u32(4, key_type);
     m.u32(5, key_len);
@@ -399,15 +405,26 @@ fn new_set(table: &str, name: &str, spec: &SetSpec, id: u32) -> Msg {
         m.u32(6, NFT_DATA_VERDICT);
         m.u32(7, 0);
     }
+    if let Some(data) = &spec.data {
+        let (t, l) = concat_type(data);
+        m.u32(6, t);
+        m.u32(7, l);
+    }
     m.u32(10, id);
     if let Some(t) = spec.timeout {
         m.attr(11, &(t.saturating_mul(1000)).to_be_bytes());
     }
     let mut ud = udata_u32(0, byteorder);
-    if spec.verdict_map {
+    if spec.verdict_map || spec.data.is_some() {
         ud.extend(udata_u32(1, 0));
     }
     match &spec.key {
+        SetKey::Typeof(exprs) => {
+            udata_nest(&mut ud, 3, &typeof_udata(exprs));
+            if let Some(data) = &spec.data {
+                udata_nest(&mut ud, 4, &typeof_udata(data));
+            }
+        }
         SetKey::Type(f) if f.len() > 1 => ud.extend([3, 8, 0, 4, 13, 0, 0, 0, 1, 0]),
         SetKey::Type(_) => {}
         SetKey::NumgenRandom { modulus } => {
@@ -426,7 +443,7 @@ fn new_set(table: &str, name: &str, spec: &SetSpec, id: u32) -> Msg {
             }
         }
     }
-    if spec.verdict_map {
+    if spec.verdict_map || spec.data.is_some() {
         ud.extend(udata_u32(6, 0));
     }
     if let Some(c) = &spec.comment {
@@ -434,6 +451,79 @@ fn new_set(table: &str, name: &str, spec: &SetSpec, id: u32) -> Msg {
     }
     m.attr(13, &ud);
     m
+}
+
+fn udata_nest(out: &mut Vec<u8>, ty: u8, inner: &[u8]) {
+    out.push(ty);
+    out.push(inner.len() as u8);
+    out.extend_from_slice(inner);
+}
+
+/// nft's description of one expression: expression id, then its parameters.
+fn typeof_expr_udata(e: &TypeofExpr) -> Vec<u8> {
+    let (id, params) = match e {
+        TypeofExpr::Addr { v6, dir } => {
+            let (desc, field) = match (v6, dir) {
+                (false, Dir::Saddr) => (12, 11),
+                (false, Dir::Daddr) => (12, 12),
+                (true, Dir::Saddr) => (13, 8),
+                (true, Dir::Daddr) => (13, 9),
+            };
+            let mut p = udata_u32(0, desc);
+            p.extend(udata_u32(1, field));
+            (7, p)
+        }
+        TypeofExpr::ThDport => {
+            let mut p = udata_u32(0, 11);
+            p.extend(udata_u32(1, 2));
+            (7, p)
+        }
+        TypeofExpr::L4Proto => (9, udata_u32(0, 16)),
+        TypeofExpr::Numgen { modulus } => {
+            let mut p = udata_u32(0, 1);
+            p.extend(udata_u32(1, *modulus));
+            p.extend(udata_u32(2, 0));
+            (23, p)
+        }
+    };
+    let mut out = udata_u32(0, id);
+    udata_nest(&mut out, 1, &params);
+    out
+}
+
+/// A `typeof` key or value: one expression, or a concatenation (id 13) of them.
+fn typeof_udata(exprs: &[TypeofExpr]) -> Vec<u8> {
+    if let [one] = exprs {
+        return typeof_expr_udata(one);
+    }
+    let mut list = vec![];
+    for (i, e) in exprs.iter().enumerate() {
+        udata_nest(&mut list, i as u8, &typeof_expr_udata(e));
+    }
+    let mut out = udata_u32(0, 13);
+    udata_nest(&mut out, 1, &list);
+    out
+}
+
+/// Concatenated type id (6 bits per field) and padded length.
+fn concat_type(exprs: &[TypeofExpr]) -> (u32, u32) {
+    let mut t = 0;
+    let mut l = 0;
+    for e in exprs {
+        let ft = match e {
+            TypeofExpr::Addr { v6: false, .. } => 7,
+            TypeofExpr::Addr { v6: true, .. } => 8,
+            TypeofExpr::L4Proto => 12,
+            TypeofExpr::ThDport => 13,
+            TypeofExpr::Numgen { .. } => 4,
+        };
+        t = (t << 6) | ft;
+        l += e.len().div_ceil(4) * 4;
+    }
+    if exprs.len() == 1 {
+        l = exprs[0].len();
+    }
+    (t, l)
 }
 
 /// Key bytes: concatenations pad every field to 4 bytes.
@@ -465,6 +555,9 @@ fn element(e: &Element) -> Msg {
         m.begin(2);
         verdict_attr(&mut m, v);
         m.end();
+    }
+    if let Some(d) = &e.data {
+        value_attr(&mut m, 2, &key_bytes(d));
     }
     m
 }

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use crate::encode::{Msg, interval_elements};
-use crate::parse::{AddrRhs, Dir, Family, Rule, RuleItem, Verdict};
+use crate::parse::{AddrRhs, Dir, Family, Rule, RuleItem, TypeofExpr, Verdict};
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
@@ -304,6 +304,43 @@ pub(crate) fn encode_rule(
                     m.u32(4, *offset);
                 });
                 e.lookup(map, None, true, false);
+            }
+            RuleItem::DnatMap { key, map } => {
+                let mut idx = 0;
+                for k in key {
+                    let reg = concat_reg(idx);
+                    match k {
+                        TypeofExpr::Addr { dir, .. } => {
+                            let (off, len) = addr_offset(family, *dir);
+                            e.payload(reg, NFT_PAYLOAD_NETWORK_HEADER, off, len);
+                        }
+                        TypeofExpr::L4Proto => e.meta_load(NFT_META_L4PROTO, reg),
+                        TypeofExpr::ThDport => {
+                            e.payload(reg, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2);
+                        }
+                        TypeofExpr::Numgen { modulus } => e.expr("numgen", |m| {
+                            m.u32(1, reg);
+                            m.u32(2, *modulus);
+                            m.u32(3, 1); // NFT_NG_RANDOM
+                        }),
+                    }
+                    idx += k.len().div_ceil(4);
+                }
+                e.expr("lookup", |m| {
+                    m.u32(2, NFT_REG_1);
+                    m.u32(3, NFT_REG_1);
+                    m.str(1, map);
+                });
+                let addr_len = match family {
+                    Family::Ip => 4,
+                    Family::Ip6 => 16,
+                };
+                e.expr("nat", |m| {
+                    m.u32(1, 1); // NFT_NAT_DNAT
+                    m.u32(2, u32::from(family.nfproto()));
+                    m.u32(3, NFT_REG_1);
+                    m.u32(5, concat_reg(addr_len / 4));
+                });
             }
             RuleItem::NumgenEq { modulus, value } => {
                 e.expr("numgen", |m| {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use parse::{
     AddrRhs, Dir, Element, Family, Hook, KeyField, KeyPart, Obj, ParseError, Rule, RuleItem,
-    SetKey, SetSpec, Statement, Stmt, Verdict, parse,
+    SetKey, SetSpec, Statement, Stmt, TypeofExpr, Verdict, parse,
 };
 
 use encode::Batch;

@@ -71,6 +71,34 @@ pub enum SetKey {
     Type(Vec<KeyField>),
     /// `typeof numgen random mod N`
     NumgenRandom { modulus: u32 },
+    /// `typeof ip daddr . meta l4proto . th dport . numgen random mod N`
+    Typeof(Vec<TypeofExpr>),
+}
+
+/// One expression of a `typeof` concatenation, of a map lookup key or of a map value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeofExpr {
+    /// `ip daddr` (`v6`: `ip6 daddr`)
+    Addr { v6: bool, dir: Dir },
+    /// `meta l4proto`
+    L4Proto,
+    /// `th dport`
+    ThDport,
+    /// `numgen random mod N`
+    Numgen { modulus: u32 },
+}
+
+impl TypeofExpr {
+    /// Bytes of the value (before padding a concatenation field to 4).
+    pub fn len(&self) -> u32 {
+        match self {
+            TypeofExpr::Addr { v6: false, .. } => 4,
+            TypeofExpr::Addr { v6: true, .. } => 16,
+            TypeofExpr::L4Proto => 1,
+            TypeofExpr::ThDport => 2,
+            TypeofExpr::Numgen { .. } => 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +106,8 @@ pub struct SetSpec {
     pub key: SetKey,
     /// `: verdict` (maps only).
     pub verdict_map: bool,
+    /// `: typeof-expression . …` (data maps).
+    pub data: Option<Vec<TypeofExpr>>,
     /// `flags dynamic,timeout`
     pub dynamic: bool,
     pub timeout_flag: bool,
@@ -109,6 +139,8 @@ pub enum Verdict {
 pub struct Element {
     pub key: Vec<KeyPart>,
     pub value: Option<Verdict>,
+    /// Value of a data map element (`10.0.0.1 . 8080`).
+    pub data: Option<Vec<KeyPart>>,
 }
 
 /// Source or destination address of the packet.
@@ -157,6 +189,11 @@ pub enum RuleItem {
     NumgenVmap {
         modulus: u32,
         offset: u32,
+        map: String,
+    },
+    /// `dnat ip addr . port to <concatenation> map @m`
+    DnatMap {
+        key: Vec<TypeofExpr>,
         map: String,
     },
     /// `numgen random mod N V` (equality; the endpoint cascade).
@@ -467,8 +504,16 @@ impl P<'_> {
                 let mut elements = Vec::new();
                 self.list(|p| {
                     let key = p.key()?;
-                    let value = if p.eat(":") { Some(p.verdict()?) } else { None };
-                    elements.push(Element { key, value });
+                    let (mut value, mut data) = (None, None);
+                    if p.eat(":") {
+                        match p.peek() {
+                            Some("accept" | "drop" | "return" | "jump" | "goto") => {
+                                value = Some(p.verdict()?)
+                            }
+                            _ => data = Some(p.data_value()?),
+                        }
+                    }
+                    elements.push(Element { key, value, data });
                     Ok(())
                 })?;
                 Ok(Stmt::AddElements { obj, elements })
@@ -510,6 +555,7 @@ impl P<'_> {
         let mut spec = SetSpec {
             key: SetKey::Type(vec![]),
             verdict_map: false,
+            data: None,
             dynamic: false,
             timeout_flag: false,
             timeout: None,
@@ -535,13 +581,19 @@ impl P<'_> {
                     verdict_map = self.map_value(map)?;
                 }
                 "typeof" => {
-                    self.expect("numgen")?;
-                    self.expect("random")?;
-                    self.expect("mod")?;
-                    key = Some(SetKey::NumgenRandom {
-                        modulus: self.num()?,
+                    let exprs = self.typeof_concat()?;
+                    key = Some(match exprs.as_slice() {
+                        [TypeofExpr::Numgen { modulus }] => {
+                            SetKey::NumgenRandom { modulus: *modulus }
+                        }
+                        _ => SetKey::Typeof(exprs),
                     });
-                    verdict_map = self.map_value(map)?;
+                    if map && self.peek() == Some(":") && self.peek_at(1) != Some("verdict") {
+                        self.i += 1;
+                        spec.data = Some(self.typeof_concat()?);
+                    } else {
+                        verdict_map = self.map_value(map)?;
+                    }
                 }
                 "flags" => loop {
                     match self.next()? {
@@ -568,10 +620,62 @@ impl P<'_> {
         }
         spec.key = key.ok_or("set without a type")?;
         spec.verdict_map = verdict_map;
-        if map != verdict_map {
+        if map != (verdict_map || spec.data.is_some()) {
             return Err("only `set` without value or `map … : verdict` are supported".into());
         }
         Ok(spec)
+    }
+
+    /// `ip daddr . meta l4proto . th dport . numgen random mod N` (any of those, in order).
+    fn typeof_concat(&mut self) -> R<Vec<TypeofExpr>> {
+        let mut out = vec![];
+        loop {
+            let e = match self.next()? {
+                fam @ ("ip" | "ip6") => {
+                    let v6 = fam == "ip6";
+                    let dir = match self.next()? {
+                        "saddr" => Dir::Saddr,
+                        "daddr" => Dir::Daddr,
+                        t => return Err(format!("unsupported address field `{t}`")),
+                    };
+                    TypeofExpr::Addr { v6, dir }
+                }
+                "meta" => {
+                    self.expect("l4proto")?;
+                    TypeofExpr::L4Proto
+                }
+                "th" => {
+                    self.expect("dport")?;
+                    TypeofExpr::ThDport
+                }
+                "numgen" => {
+                    self.expect("random")?;
+                    self.expect("mod")?;
+                    let modulus: u32 = self.num()?;
+                    if modulus == 0 {
+                        return Err("numgen mod 0".into());
+                    }
+                    TypeofExpr::Numgen { modulus }
+                }
+                t => return Err(format!("unsupported expression `{t}`")),
+            };
+            out.push(e);
+            if !self.eat(".") {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// A data map value: `address . port`.
+    fn data_value(&mut self) -> R<Vec<KeyPart>> {
+        let t = self.next()?;
+        let addr: IpAddr = t
+            .parse()
+            .map_err(|_| format!("unsupported map value `{t}`"))?;
+        self.expect(".")?;
+        let p = self.next()?;
+        let port: u16 = p.parse().map_err(|_| format!("bad port `{p}`"))?;
+        Ok(vec![KeyPart::Addr(addr), KeyPart::Port(port)])
     }
 
     fn map_value(&mut self, map: bool) -> R<bool> {
@@ -767,6 +871,24 @@ impl P<'_> {
                     self.i += 1;
                     RuleItem::Masquerade {
                         fully_random: self.eat("fully-random"),
+                    }
+                }
+                "dnat" if self.peek_at(1) == Some(fam_kw) => {
+                    self.i += 2;
+                    self.expect("addr")?;
+                    self.expect(".")?;
+                    self.expect("port")?;
+                    self.expect("to")?;
+                    let key = self.typeof_concat()?;
+                    if key.iter().any(
+                        |e| matches!(e, TypeofExpr::Addr { v6, .. } if *v6 != (fam == Family::Ip6)),
+                    ) {
+                        return Err("address of the wrong family in the map key".into());
+                    }
+                    self.expect("map")?;
+                    RuleItem::DnatMap {
+                        key,
+                        map: self.set_ref()?,
                     }
                 }
                 "dnat" => {

@@ -149,7 +149,8 @@ fn elements() {
                     KeyPart::Proto(6),
                     KeyPart::Port(80)
                 ],
-                value: Some(Verdict::Goto("service-a".into()))
+                value: Some(Verdict::Goto("service-a".into())),
+                data: None,
             },
             Element {
                 key: vec![
@@ -157,7 +158,8 @@ fn elements() {
                     KeyPart::Proto(17),
                     KeyPart::Port(53)
                 ],
-                value: Some(Verdict::Drop)
+                value: Some(Verdict::Drop),
+                data: None,
             },
         ]
     );
