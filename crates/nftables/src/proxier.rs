@@ -21,6 +21,10 @@ pub struct NftProxier<R: CommandRunner> {
     current: HashMap<NamespacedName, ServiceObjects>,
     /// How many services use each `hairpin-endpoints` element.
     hairpin_refs: HashMap<String, u32>,
+    /// How many services use each shared picker chain.
+    picker_refs: HashMap<Picker, u32>,
+    /// Statements per transaction when a sync is split.
+    transaction_statements: usize,
     /// Which service owns each NodePort (first claimant wins; clashes are warned about).
     node_ports: HashMap<(Protocol, u16), NamespacedName>,
     /// Sends transactions over nfnetlink; `nft -f` reads the whole table into its cache
@@ -66,6 +70,8 @@ impl<R: CommandRunner> NftProxier<R> {
             needs_full: true,
             current: HashMap::new(),
             hairpin_refs: HashMap::new(),
+            picker_refs: HashMap::new(),
+            transaction_statements: TRANSACTION_STATEMENTS,
             node_ports: HashMap::new(),
             netlink: None,
             last_apply: std::time::Duration::ZERO,
@@ -84,6 +90,13 @@ impl<R: CommandRunner> NftProxier<R> {
             Ok(a) => self.netlink = Some(a),
             Err(e) => tracing::warn!(error = %e, "nfnetlink socket unavailable; using nft -f"),
         }
+        self
+    }
+
+    /// Statements per transaction when a sync is split (default
+    /// [`TRANSACTION_STATEMENTS`]).
+    pub fn with_transaction_statements(mut self, n: usize) -> Self {
+        self.transaction_statements = n.max(1);
         self
     }
 
@@ -118,9 +131,12 @@ impl<R: CommandRunner> NftProxier<R> {
                             port.protocol.upper()
                         ));
                         let key = format!("{} . {np}", port.protocol.lower());
+                        let slot_prefix = format!("{key} . ");
                         o.elements.retain(|(set, k), _| {
                             !((set == SERVICE_NODEPORTS || set == NO_ENDPOINT_NODEPORTS)
                                 && *k == key)
+                                && !(set.starts_with(NODEPORT_ENDPOINTS)
+                                    && k.starts_with(&slot_prefix))
                         });
                     }
                     _ => {
@@ -132,6 +148,7 @@ impl<R: CommandRunner> NftProxier<R> {
             merged.elements.extend(o.elements);
             merged.affinity_sets.extend(o.affinity_sets);
             merged.hairpin.extend(o.hairpin);
+            merged.pickers.extend(o.pickers);
         }
         let bad: Vec<String> = merged
             .chains
@@ -171,7 +188,7 @@ impl<R: CommandRunner> NftProxier<R> {
         if cold {
             // Objects only refer to objects written before them, so any line is a
             // valid cut.
-            tx.split_every(TRANSACTION_STATEMENTS);
+            tx.split_every(self.transaction_statements);
         }
         let sk = skeleton(&self.cfg);
         for s in &sk.sets {
@@ -206,9 +223,18 @@ impl<R: CommandRunner> NftProxier<R> {
                 tx.add_chain(name);
             }
         }
+        let pickers: BTreeSet<Picker> = all.values().flat_map(|o| o.pickers.clone()).collect();
+        for p in &pickers {
+            tx.add_chain(&p.chain());
+        }
         for (name, rules) in &sk.chains {
             for r in rules {
                 tx.add_rule(name, r);
+            }
+        }
+        for p in &pickers {
+            for r in picker_rules(&self.cfg, p) {
+                tx.add_rule(&p.chain(), &r);
             }
         }
         for o in all.values() {
@@ -254,7 +280,8 @@ impl<R: CommandRunner> NftProxier<R> {
         let mut del_sets: Vec<String> = Vec::new();
         let mut hairpin_delta: HashMap<String, i64> = HashMap::new();
         let mut replace_elems: Vec<(String, String, String)> = Vec::new();
-        tx.split_every(TRANSACTION_STATEMENTS);
+        let mut picker_delta: HashMap<Picker, i64> = HashMap::new();
+        tx.split_every(self.transaction_statements);
         for svc in &input.changes.services {
             let new = self.render(input.state, input, svc, warnings);
             let old = self.current.get(svc).unwrap_or(&empty);
@@ -300,6 +327,12 @@ impl<R: CommandRunner> NftProxier<R> {
                     del_chains.push(c.clone());
                 }
             }
+            for p in new.pickers.difference(&old.pickers) {
+                *picker_delta.entry(*p).or_default() += 1;
+            }
+            for p in old.pickers.difference(&new.pickers) {
+                *picker_delta.entry(*p).or_default() -= 1;
+            }
             for k in new.hairpin.difference(&old.hairpin) {
                 *hairpin_delta.entry(k.clone()).or_default() += 1;
             }
@@ -307,6 +340,17 @@ impl<R: CommandRunner> NftProxier<R> {
                 *hairpin_delta.entry(k.clone()).or_default() -= 1;
             }
             updates.push((svc.clone(), new));
+        }
+        for (p, d) in &picker_delta {
+            let before = i64::from(self.picker_refs.get(p).copied().unwrap_or(0));
+            match (before, before + d) {
+                (0, after) if after > 0 => {
+                    add_chains.push(p.chain());
+                    rewrite.push((p.chain(), false, picker_rules(&self.cfg, p)));
+                }
+                (b, 0) if b > 0 => del_chains.push(p.chain()),
+                _ => {}
+            }
         }
         for (k, d) in &hairpin_delta {
             let before = i64::from(self.hairpin_refs.get(k).copied().unwrap_or(0));
@@ -553,8 +597,14 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
             let (tx, all) = self.full_tx(input, &mut warnings, cold);
             self.apply(&tx.text)?;
             self.hairpin_refs.clear();
-            for k in all.values().flat_map(|o| &o.hairpin) {
-                *self.hairpin_refs.entry(k.clone()).or_default() += 1;
+            self.picker_refs.clear();
+            for o in all.values() {
+                for k in &o.hairpin {
+                    *self.hairpin_refs.entry(k.clone()).or_default() += 1;
+                }
+                for p in &o.pickers {
+                    *self.picker_refs.entry(*p).or_default() += 1;
+                }
             }
             self.current = all;
             self.needs_full = false;
@@ -576,9 +626,20 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
                         }
                     }
                 }
+                for p in &old.pickers {
+                    if let Some(n) = self.picker_refs.get_mut(p) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.picker_refs.remove(p);
+                        }
+                    }
+                }
             }
             for k in &o.hairpin {
                 *self.hairpin_refs.entry(k.clone()).or_default() += 1;
+            }
+            for p in &o.pickers {
+                *self.picker_refs.entry(*p).or_default() += 1;
             }
             if o.chains.is_empty() && o.elements.is_empty() {
                 self.current.remove(&svc);
@@ -611,6 +672,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         self.run_nft(&text)?;
         self.current.clear();
         self.hairpin_refs.clear();
+        self.picker_refs.clear();
         self.needs_full = true;
         Ok(())
     }

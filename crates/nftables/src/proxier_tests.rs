@@ -50,7 +50,7 @@ fn nft_input(runner: &RecordingRunner) -> String {
 }
 
 #[test]
-fn full_sync_replaces_the_table_atomically_with_endpoint_cascades() {
+fn full_sync_replaces_the_table_atomically_with_shared_pickers() {
     let runner = RecordingRunner::default();
     let mut p = NftProxier::new(runner.clone(), cfg());
     let mut t = tracker(&[
@@ -81,23 +81,25 @@ fn full_sync_replaces_the_table_atomically_with_endpoint_cascades() {
     assert!(text.contains(
         "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }"
     ));
-    // The endpoint cascade: 1/2, then the rest.
-    let cascade: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("dnat to 10.244."))
-        .collect();
-    assert_eq!(cascade.len(), 2, "{text}");
+    // A shared picker chain, and the endpoints as map elements.
     assert!(
-        cascade[0].ends_with("numgen random mod 2 0 meta l4proto tcp dnat to 10.244.1.2:8080"),
-        "{cascade:?}"
+        text.contains("add rule ip kube-proxy pick-internal-tcp-2 meta l4proto tcp dnat ip addr . port to ip daddr . meta l4proto . tcp dport . numgen random mod 2 map @cluster-endpoints-tcp"),
+        "{text}"
     );
     assert!(
-        cascade[1].ends_with("/p meta l4proto tcp dnat to 10.244.1.3:8080"),
-        "{cascade:?}"
+        text.contains("add element ip kube-proxy cluster-endpoints-tcp { 10.96.0.1 . tcp . 80 . 0 : 10.244.1.2 . 8080, 10.96.0.1 . tcp . 80 . 1 : 10.244.1.3 . 8080 }"),
+        "{text}"
     );
     assert!(
         !text.contains("kube-proxy endpoint-"),
         "no endpoint chains without affinity: {text}"
+    );
+    // Per-service chain names carry namespace/name.
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("add chain") && l.contains('/')),
+        "no per-service chain on the shared path: {text}"
     );
     assert!(
         text.contains("add element ip kube-proxy hairpin-endpoints { 10.244.1.2 . 10.244.1.2, 10.244.1.3 . 10.244.1.3"),
@@ -105,17 +107,16 @@ fn full_sync_replaces_the_table_atomically_with_endpoint_cascades() {
     );
     assert!(
         text.contains(
-            "add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto service-"
+            "add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto pick-internal-tcp-2 }"
         ),
         "{text}"
     );
     assert!(
         text.contains(
-            "ip daddr 10.96.0.1 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade"
+            "add rule ip kube-proxy pick-internal-tcp-2 ip saddr != 10.244.0.0/16 jump mark-for-masquerade"
         ),
         "{text}"
     );
-    assert!(text.contains("meta l4proto tcp dnat to 10.244.1.2:8080"));
     // No per-service anonymous numgen maps.
     assert!(!text.contains("vmap {"), "{text}");
 }
@@ -169,14 +170,18 @@ fn partial_sync_sends_only_the_difference_and_never_lists() {
         !text.contains("10.244.1.3:8080"),
         "other services untouched:\n{text}"
     );
-    assert!(text.contains("dnat to 10.244.1.200:8080"));
+    // Data only: the slot's value is replaced in place, no chain or rule is written.
     assert!(
-        text.contains("flush chain ip kube-proxy service-"),
-        "the service chain is rewritten:\n{text}"
+        text.contains("delete element ip kube-proxy cluster-endpoints-tcp { 10.96.0.8 . tcp . 80 . 0 }\n")
+            && text.contains("add element ip kube-proxy cluster-endpoints-tcp { 10.96.0.8 . tcp . 80 . 0 : 10.244.1.200 . 8080 }"),
+        "{text}"
     );
     assert!(
-        text.contains("delete element ip kube-proxy hairpin-endpoints { 10.244.1.7 . 10.244.1.7 }")
-            || text.contains("delete element ip kube-proxy hairpin-endpoints"),
+        !text.contains(" chain ") && !text.contains("add rule"),
+        "{text}"
+    );
+    assert!(
+        text.contains("delete element ip kube-proxy hairpin-endpoints { 10.244.1.9 . 10.244.1.9 }"),
         "{text}"
     );
     assert!(
@@ -185,6 +190,45 @@ fn partial_sync_sends_only_the_difference_and_never_lists() {
         ),
         "{text}"
     );
+    // A second endpoint: the entry moves to the two-endpoint picker, created on first
+    // use and deleted again when nothing uses it.
+    for (ips, picker_added, picker_deleted) in [
+        (&["10.244.1.200", "10.244.1.201"][..], true, false),
+        (&["10.244.1.200"][..], false, true),
+    ] {
+        runner.clear();
+        t.update_slice(
+            &serde_json::from_value(slice("s7", ips)).unwrap(),
+            &mut vec![],
+        )
+        .unwrap();
+        let changes = t.drain();
+        p.sync(&SyncInput {
+            state: t.state(),
+            changes: &changes,
+            node: &node,
+            force_full: false,
+        })
+        .unwrap();
+        let text = nft_input(&runner);
+        assert_eq!(
+            text.contains("add chain ip kube-proxy pick-internal-tcp-2\n"),
+            picker_added,
+            "{text}"
+        );
+        assert_eq!(
+            text.contains("delete chain ip kube-proxy pick-internal-tcp-2\n"),
+            picker_deleted,
+            "{text}"
+        );
+        let goto = format!("goto pick-internal-tcp-{}", ips.len());
+        assert!(
+            text.contains(&format!(
+                "add element ip kube-proxy service-ips {{ 10.96.0.8 . tcp . 80 : {goto} }}"
+            )),
+            "{text}"
+        );
+    }
     // Nothing changed: nothing sent.
     runner.clear();
     p.sync(&SyncInput {
@@ -321,7 +365,7 @@ fn full_sync_calls(table_present: bool) -> Vec<String> {
         },
         stderr: String::new(),
     });
-    let mut p = NftProxier::new(runner.clone(), cfg());
+    let mut p = NftProxier::new(runner.clone(), cfg()).with_transaction_statements(5);
     let mut t = big_state(300);
     let changes = t.drain();
     let node = NodeInfo::default();
@@ -347,7 +391,7 @@ fn cold_full_sync_is_split_into_bounded_transactions() {
     assert!(parts[0].starts_with("add table ip kube-proxy\n"));
     for p in &parts {
         let statements = p.lines().filter(|l| !l.starts_with('#')).count();
-        assert!(statements <= TRANSACTION_STATEMENTS, "{statements}");
+        assert!(statements <= 5, "{statements}");
     }
     // Every object is created before anything refers to it: the chain of each rule and
     // each goto target was added in this or an earlier transaction.
@@ -370,5 +414,5 @@ fn cold_full_sync_is_split_into_bounded_transactions() {
 fn full_sync_over_an_existing_table_stays_one_transaction() {
     let parts = full_sync_calls(true);
     assert_eq!(parts.len(), 1);
-    assert!(parts[0].lines().count() > TRANSACTION_STATEMENTS);
+    assert!(parts[0].lines().count() > 5);
 }

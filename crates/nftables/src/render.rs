@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use kp_dataplane::{LocalDetector, NodePortAddresses};
-use kp_model::{CategorizedEndpoints, IpFamily, ServicePort};
+use kp_model::{CategorizedEndpoints, IpFamily, Protocol, ServicePort};
 
 use crate::names::{endpoint_object, service_chain};
 
@@ -25,6 +25,85 @@ pub const FIREWALL_IPS: &str = "firewall-ips";
 pub const CLUSTER_IPS: &str = "cluster-ips";
 pub const NODEPORT_IPS: &str = "nodeport-ips";
 pub const HAIRPIN_ENDPOINTS: &str = "hairpin-endpoints";
+pub const CLUSTER_ENDPOINTS: &str = "cluster-endpoints";
+pub const LOCAL_ENDPOINTS: &str = "local-endpoints";
+pub const NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
+
+/// Which traffic a shared endpoint picker serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PickKind {
+    /// ClusterIP traffic to cluster endpoints (masquerade outside the pod network).
+    Internal,
+    /// ClusterIP traffic with internalTrafficPolicy Local.
+    InternalLocal,
+    /// externalIP and LoadBalancer IP traffic (always masqueraded).
+    External,
+    /// NodePort traffic (always masqueraded).
+    NodePort,
+}
+
+/// A chain shared by every service port with the same kind, protocol and endpoint
+/// count: `pick-internal-tcp-3`. It picks slot `numgen random mod N` of the service's
+/// entry (destination, protocol, port) in an endpoint map and DNATs to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Picker {
+    pub kind: PickKind,
+    pub protocol: Protocol,
+    pub endpoints: u32,
+}
+
+impl Picker {
+    pub fn chain(&self) -> String {
+        let kind = match self.kind {
+            PickKind::Internal => "internal",
+            PickKind::InternalLocal => "internal-local",
+            PickKind::External => "external",
+            PickKind::NodePort => "nodeport",
+        };
+        format!("pick-{kind}-{}-{}", self.protocol.lower(), self.endpoints)
+    }
+
+    /// The endpoint map, one per protocol (nft 1.0.6 cannot add a rule naming a
+    /// `th dport` map from a second invocation: "conflicting protocols").
+    pub fn map(&self) -> String {
+        let base = match self.kind {
+            PickKind::Internal | PickKind::External => CLUSTER_ENDPOINTS,
+            PickKind::InternalLocal => LOCAL_ENDPOINTS,
+            PickKind::NodePort => NODEPORT_ENDPOINTS,
+        };
+        format!("{base}-{}", self.protocol.lower())
+    }
+}
+
+/// The rules of a picker chain.
+pub fn picker_rules(cfg: &NftConfig, p: &Picker) -> Vec<String> {
+    let f = cfg.nft_family();
+    let mut rules = Vec::new();
+    match p.kind {
+        PickKind::Internal | PickKind::InternalLocal => {
+            if cfg.masquerade_all {
+                rules.push("jump mark-for-masquerade".to_string());
+            } else if let Some(m) = detector_match(cfg, false) {
+                rules.push(format!("{m} jump mark-for-masquerade"));
+            }
+        }
+        PickKind::External | PickKind::NodePort => {
+            rules.push("jump mark-for-masquerade".to_string())
+        }
+    }
+    let proto = p.protocol.lower();
+    let entry = match p.kind {
+        PickKind::NodePort => format!("meta l4proto . {proto} dport"),
+        _ => format!("{f} daddr . meta l4proto . {proto} dport"),
+    };
+    rules.push(format!(
+        "meta l4proto {} dnat {f} addr . port to {entry} . numgen random mod {} map @{}",
+        p.protocol.lower(),
+        p.endpoints,
+        p.map()
+    ));
+    rules
+}
 
 /// Settings of the nftables mode for one family.
 #[derive(Debug, Clone)]
@@ -102,6 +181,8 @@ pub struct ServiceObjects {
     /// Endpoint IPs (`hairpin-endpoints` keys `ip . ip`); shared between services, so the
     /// proxier reference-counts them.
     pub hairpin: BTreeSet<String>,
+    /// Shared picker chains this service's map entries jump to (reference-counted).
+    pub pickers: BTreeSet<Picker>,
 }
 
 pub fn skeleton(cfg: &NftConfig) -> Skeleton {
@@ -176,6 +257,28 @@ pub fn skeleton(cfg: &NftConfig) -> Skeleton {
         set(FIREWALL_IPS, true, format!("type {tuple} ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ;")),
         set(HAIRPIN_ENDPOINTS, false, format!("type {a} . {a} ; comment \"endpoint . endpoint: a pod reaching itself through a service is masqueraded\" ;")),
     ];
+    for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+        let p = proto.lower();
+        for (base, entry, what) in [
+            (
+                CLUSTER_ENDPOINTS,
+                format!("{f} daddr . "),
+                "cluster endpoint",
+            ),
+            (
+                LOCAL_ENDPOINTS,
+                format!("{f} daddr . "),
+                "node-local endpoint",
+            ),
+            (NODEPORT_ENDPOINTS, String::new(), "cluster endpoint"),
+        ] {
+            s.sets.push(set(
+                &format!("{base}-{p}"),
+                true,
+                format!("typeof {entry}meta l4proto . {p} dport . numgen random mod 1 : {f} daddr . {p} dport ; comment \"entry . slot -> {what}\" ;"),
+            ));
+        }
+    }
     let mut chain = |name: &str, rules: Vec<String>| {
         s.chains.insert(name.to_string(), rules);
     };
@@ -307,6 +410,12 @@ fn sanitize_ifname(s: &str) -> String {
 }
 
 /// Renders one service port.
+///
+/// Most service ports take the shared-picker path: their map entries jump to a
+/// [`Picker`] chain and their endpoints are elements of an endpoint map, so an endpoint
+/// change is a data-only transaction. Session affinity and externalTrafficPolicy Local
+/// (short-circuits, source-preserving local chains) keep upstream's per-service chains,
+/// ending in a `numgen` cascade.
 pub fn render_service(
     cfg: &NftConfig,
     svc: &ServicePort,
@@ -320,6 +429,8 @@ pub fn render_service(
     let local_chain = service_chain("local-", &svc.name);
     let ext_chain = service_chain("external-", &svc.name);
     let fw_chain = service_chain("firewall-", &svc.name);
+    let affinity = svc.session_affinity_timeout.is_some();
+    let shared = !affinity && !(svc.external_policy_local && svc.externally_accessible());
     let internal_chain = if svc.internal_policy_local {
         &local_chain
     } else {
@@ -330,38 +441,94 @@ pub fn render_service(
     } else {
         &cluster_chain
     };
-
-    let has_internal = if svc.internal_policy_local {
-        !cat.local.is_empty()
+    let internal_eps = if svc.internal_policy_local {
+        &cat.local
     } else {
-        !cat.cluster.is_empty()
+        &cat.cluster
     };
-    let has_external = if svc.external_policy_local {
-        !cat.local.is_empty()
+    let external_eps = if svc.external_policy_local {
+        &cat.local
     } else {
-        !cat.cluster.is_empty()
+        &cat.cluster
     };
-    let uses_cluster_chain = !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
-    let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
-    let uses_ext_chain = cat.has_any && svc.externally_accessible();
-    let uses_fw = uses_ext_chain && !svc.load_balancer_source_ranges.is_empty();
+    let has_internal = !internal_eps.is_empty();
+    let has_external = !external_eps.is_empty();
+    let uses_cluster_chain = !shared && !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
+    let uses_local_chain = !shared && !cat.local.is_empty() && svc.uses_local_endpoints();
+    let uses_ext_chain = !shared && cat.has_any && svc.externally_accessible();
+    let uses_fw =
+        cat.has_any && svc.externally_accessible() && !svc.load_balancer_source_ranges.is_empty();
     let no_ep_verdict = if cat.has_any {
         "drop".to_string()
     } else {
         "goto reject-chain".to_string()
     };
 
+    // Where each entry point goes: a shared picker, or the service's own chain.
+    let picker = |kind: PickKind, n: usize| Picker {
+        kind,
+        protocol: svc.protocol,
+        endpoints: n as u32,
+    };
+    let internal_target = if shared {
+        let kind = if svc.internal_policy_local {
+            PickKind::InternalLocal
+        } else {
+            PickKind::Internal
+        };
+        picker(kind, internal_eps.len()).chain()
+    } else {
+        internal_chain.clone()
+    };
+    let (ip_target, nodeport_target) = if shared {
+        (
+            picker(PickKind::External, external_eps.len()).chain(),
+            picker(PickKind::NodePort, external_eps.len()).chain(),
+        )
+    } else {
+        (ext_chain.clone(), ext_chain.clone())
+    };
+    let ip_routed = if shared { has_external } else { uses_ext_chain };
+
     let key = |ip: &IpAddr, port: u16| format!("{ip} . {proto} . {port}");
     let mut el = |map: &str, k: String, v: String| {
         o.elements.insert((map.to_string(), k), v);
+    };
+    let mut pickers = BTreeSet::new();
+    let slots = |el: &mut dyn FnMut(&str, String, String),
+                 map: &str,
+                 entry: &str,
+                 eps: &[kp_model::Endpoint]| {
+        for (i, ep) in eps.iter().enumerate() {
+            el(
+                map,
+                format!("{entry} . {i}"),
+                format!("{} . {}", ep.ip, ep.port),
+            );
+        }
     };
     el(CLUSTER_IPS, svc.cluster_ip.to_string(), String::new());
     if has_internal {
         el(
             SERVICE_IPS,
             key(&svc.cluster_ip, svc.port),
-            format!("goto {internal_chain}"),
+            format!("goto {internal_target}"),
         );
+        if shared {
+            let kind = if svc.internal_policy_local {
+                PickKind::InternalLocal
+            } else {
+                PickKind::Internal
+            };
+            let p = picker(kind, internal_eps.len());
+            slots(
+                &mut el,
+                &p.map(),
+                &key(&svc.cluster_ip, svc.port),
+                internal_eps,
+            );
+            pickers.insert(p);
+        }
     } else {
         el(
             NO_ENDPOINT_SERVICES,
@@ -369,9 +536,14 @@ pub fn render_service(
             no_ep_verdict.clone(),
         );
     }
-    for ip in &svc.external_ips {
-        if uses_ext_chain {
-            el(SERVICE_IPS, key(ip, svc.port), format!("goto {ext_chain}"));
+    for ip in svc.external_ips.iter().chain(&svc.load_balancer_vips) {
+        if ip_routed {
+            el(SERVICE_IPS, key(ip, svc.port), format!("goto {ip_target}"));
+            if shared {
+                let p = picker(PickKind::External, external_eps.len());
+                slots(&mut el, &p.map(), &key(ip, svc.port), external_eps);
+                pickers.insert(p);
+            }
         }
         if !has_external {
             el(
@@ -381,28 +553,23 @@ pub fn render_service(
             );
         }
     }
-    for ip in &svc.load_balancer_vips {
-        if uses_ext_chain {
-            el(SERVICE_IPS, key(ip, svc.port), format!("goto {ext_chain}"));
-        }
-        if uses_fw {
+    if uses_fw {
+        for ip in &svc.load_balancer_vips {
             el(FIREWALL_IPS, key(ip, svc.port), format!("goto {fw_chain}"));
-        }
-        if !has_external {
-            el(
-                NO_ENDPOINT_SERVICES,
-                key(ip, svc.port),
-                no_ep_verdict.clone(),
-            );
         }
     }
     if let Some(np) = svc.node_port {
-        if uses_ext_chain {
+        if ip_routed {
             el(
                 SERVICE_NODEPORTS,
                 format!("{proto} . {np}"),
-                format!("goto {ext_chain}"),
+                format!("goto {nodeport_target}"),
             );
+            if shared {
+                let p = picker(PickKind::NodePort, external_eps.len());
+                slots(&mut el, &p.map(), &format!("{proto} . {np}"), external_eps);
+                pickers.insert(p);
+            }
         }
         if !has_external {
             el(
@@ -412,6 +579,7 @@ pub fn render_service(
             );
         }
     }
+    o.pickers = pickers;
 
     if uses_ext_chain {
         let mut rules = Vec::new();
@@ -451,8 +619,14 @@ pub fn render_service(
             vec![format!("{f} saddr != {{ {} }} drop", allowed.join(", "))],
         );
     }
+    for ep in &cat.all_reachable {
+        o.hairpin.insert(format!("{} . {}", ep.ip, ep.ip));
+    }
+    if shared {
+        return o;
+    }
 
-    // Masquerade rule of the internal chain, then endpoint selection.
+    // Per-service chains: masquerade rule of the internal chain, then the endpoints.
     let masq = if cfg.masquerade_all {
         Some(format!(
             "{f} daddr {} {proto} dport {} jump mark-for-masquerade",
@@ -466,7 +640,6 @@ pub fn render_service(
             )
         })
     };
-    let affinity = svc.session_affinity_timeout.is_some();
     for (chain, eps, is_internal) in [
         (
             &cluster_chain,
@@ -516,23 +689,21 @@ pub fn render_service(
         }
         o.chains.insert(chain.clone(), rules);
     }
-    for ep in &cat.all_reachable {
-        o.hairpin.insert(format!("{} . {}", ep.ip, ep.ip));
-        let Some(t) = svc.session_affinity_timeout else {
-            continue;
-        };
-        let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
-        let set = endpoint_object("affinity-", &svc.name, &ep.ip, ep.port);
-        o.affinity_sets.insert(set.clone(), t);
-        let dst = std::net::SocketAddr::new(ep.ip, ep.port);
-        o.chains.insert(
-            epc,
-            vec![
-                format!("{f} saddr {} jump mark-for-masquerade", ep.ip),
-                format!("update @{set} {{ {f} saddr }}"),
-                format!("meta l4proto {proto} dnat to {dst}"),
-            ],
-        );
+    if let Some(t) = svc.session_affinity_timeout {
+        for ep in &cat.all_reachable {
+            let epc = endpoint_object("endpoint-", &svc.name, &ep.ip, ep.port);
+            let set = endpoint_object("affinity-", &svc.name, &ep.ip, ep.port);
+            o.affinity_sets.insert(set.clone(), t);
+            let dst = std::net::SocketAddr::new(ep.ip, ep.port);
+            o.chains.insert(
+                epc,
+                vec![
+                    format!("{f} saddr {} jump mark-for-masquerade", ep.ip),
+                    format!("update @{set} {{ {f} saddr }}"),
+                    format!("meta l4proto {proto} dnat to {dst}"),
+                ],
+            );
+        }
     }
     o
 }

@@ -473,8 +473,15 @@ fn typeof_expr_udata(e: &TypeofExpr) -> Vec<u8> {
             p.extend(udata_u32(1, field));
             (7, p)
         }
-        TypeofExpr::ThDport => {
-            let mut p = udata_u32(0, 11);
+        TypeofExpr::Dport(proto) => {
+            // nft's protocol descriptions: th 11, tcp 8, udp 6, sctp 10; field 2 = dport.
+            let desc = match proto {
+                6 => 8,
+                17 => 6,
+                132 => 10,
+                _ => 11,
+            };
+            let mut p = udata_u32(0, desc);
             p.extend(udata_u32(1, 2));
             (7, p)
         }
@@ -514,7 +521,7 @@ fn concat_type(exprs: &[TypeofExpr]) -> (u32, u32) {
             TypeofExpr::Addr { v6: false, .. } => 7,
             TypeofExpr::Addr { v6: true, .. } => 8,
             TypeofExpr::L4Proto => 12,
-            TypeofExpr::ThDport => 13,
+            TypeofExpr::Dport(_) => 13,
             TypeofExpr::Numgen { .. } => 4,
         };
         t = (t << 6) | ft;

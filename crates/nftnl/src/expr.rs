@@ -315,7 +315,7 @@ pub(crate) fn encode_rule(
                             e.payload(reg, NFT_PAYLOAD_NETWORK_HEADER, off, len);
                         }
                         TypeofExpr::L4Proto => e.meta_load(NFT_META_L4PROTO, reg),
-                        TypeofExpr::ThDport => {
+                        TypeofExpr::Dport(_) => {
                             e.payload(reg, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2);
                         }
                         TypeofExpr::Numgen { modulus } => e.expr("numgen", |m| {

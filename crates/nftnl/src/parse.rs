@@ -82,8 +82,8 @@ pub enum TypeofExpr {
     Addr { v6: bool, dir: Dir },
     /// `meta l4proto`
     L4Proto,
-    /// `th dport`
-    ThDport,
+    /// `th dport`, or `tcp dport` etc. (the protocol number; 0 for `th`)
+    Dport(u8),
     /// `numgen random mod N`
     Numgen { modulus: u32 },
 }
@@ -95,7 +95,7 @@ impl TypeofExpr {
             TypeofExpr::Addr { v6: false, .. } => 4,
             TypeofExpr::Addr { v6: true, .. } => 16,
             TypeofExpr::L4Proto => 1,
-            TypeofExpr::ThDport => 2,
+            TypeofExpr::Dport(_) => 2,
             TypeofExpr::Numgen { .. } => 4,
         }
     }
@@ -644,9 +644,10 @@ impl P<'_> {
                     self.expect("l4proto")?;
                     TypeofExpr::L4Proto
                 }
-                "th" => {
+                t @ ("th" | "tcp" | "udp" | "sctp") => {
+                    let proto = proto_num(t).unwrap_or(0);
                     self.expect("dport")?;
-                    TypeofExpr::ThDport
+                    TypeofExpr::Dport(proto)
                 }
                 "numgen" => {
                     self.expect("random")?;
