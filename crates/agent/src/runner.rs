@@ -121,6 +121,8 @@ pub fn run_sync_loop(
 
     let mut force_full = true;
     let mut first = true;
+    // The sync thread's own copy of the tracker's state, kept by changed services.
+    let mut state = kp_model::ProxyState::default();
     let mut last_end: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut failures = 0u32;
@@ -156,7 +158,7 @@ pub fn run_sync_loop(
                 earliest = earliest.max(r);
             }
             if now >= earliest {
-                let ok = sync_once(&shared, dataplane.as_mut(), force_full || first);
+                let ok = sync_once(&shared, dataplane.as_mut(), &mut state, force_full || first);
                 last_end = Some(Instant::now());
                 first = false;
                 if ok {
@@ -199,20 +201,27 @@ fn sleep_until(shared: &Shared, deadline: Instant) {
 }
 
 /// One sync; returns success.
-fn sync_once(shared: &Shared, dataplane: &mut dyn Dataplane, force_full: bool) -> bool {
-    let (state, changes) = {
+fn sync_once(
+    shared: &Shared,
+    dataplane: &mut dyn Dataplane,
+    state: &mut kp_model::ProxyState,
+    force_full: bool,
+) -> bool {
+    let changes = {
         let Ok(mut t) = shared.tracker.lock() else {
             return false;
         };
         let changes = t.drain();
-        (t.state().clone(), changes)
+        state.copy_services_from(t.state(), &changes.services);
+        changes
     };
+    let state = &*state;
     shared.metrics.set_endpoint_changes_pending(0);
     shared.metrics.set_service_changes_pending(0);
     let mut node = shared.node.lock().map(|n| n.clone()).unwrap_or_default();
     node.local_addresses = crate::kernel::local_addresses();
     let input = SyncInput {
-        state: &state,
+        state,
         changes: &changes,
         node: &node,
         force_full,

@@ -250,3 +250,48 @@ fn session_affinity_and_policies() {
         "bogus external IP and hostname-only ingress: {w:?}"
     );
 }
+
+#[test]
+fn a_copy_kept_by_changed_services_equals_the_state() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    let mut copy = ProxyState::default();
+    let svc = |name: &str, ip: &str, ports: &[(&str, u16)]| {
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"}))
+            .collect();
+        service(json!({"metadata": {"namespace": "ns", "name": name},
+            "spec": {"clusterIP": ip, "ports": ports}}))
+    };
+    let eps = |name: &str, ip: &str| {
+        slice(
+            json!({"metadata": {"namespace": "ns", "name": format!("{name}-1"),
+            "labels": {"kubernetes.io/service-name": name}}, "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip]}], "ports": [{"name": "a", "port": 80, "protocol": "TCP"}]}),
+        )
+    };
+    let same = |a: &ProxyState, b: &ProxyState| {
+        assert_eq!(a.services, b.services);
+        assert_eq!(a.endpoints, b.endpoints);
+    };
+    t.update_service(&svc("s1", "10.96.0.1", &[("a", 80), ("b", 81)]), &mut w)
+        .unwrap();
+    t.update_service(&svc("s2", "10.96.0.2", &[("a", 80)]), &mut w)
+        .unwrap();
+    t.update_slice(&eps("s1", "10.244.0.1"), &mut w).unwrap();
+    let changes = t.drain();
+    copy.copy_services_from(t.state(), &changes.services);
+    same(&copy, t.state());
+    // A port goes, a service goes, endpoints move, a service arrives.
+    t.update_service(&svc("s1", "10.96.0.1", &[("a", 80)]), &mut w)
+        .unwrap();
+    t.delete_service("ns", "s2");
+    t.update_slice(&eps("s1", "10.244.0.9"), &mut w).unwrap();
+    t.update_service(&svc("s0", "10.96.0.3", &[("a", 80)]), &mut w)
+        .unwrap();
+    let changes = t.drain();
+    assert_eq!(changes.services.len(), 3);
+    copy.copy_services_from(t.state(), &changes.services);
+    same(&copy, t.state());
+}

@@ -119,8 +119,26 @@ impl<R: CommandRunner> NftProxier<R> {
         let mut merged = ServiceObjects::default();
         self.node_ports.retain(|_, owner| owner != svc);
         for port in ports_of(state, svc) {
-            let cat =
-                categorize_endpoints(port, state.endpoints_of(&port.name), &input.node.topology);
+            let eps = state.endpoints_of(&port.name);
+            let cat = categorize_endpoints(port, eps, &input.node.topology);
+            if port.internal_policy_local && cat.local.is_empty() && cat.has_any {
+                merged.report.no_local_endpoints_internal += 1;
+            }
+            if port.external_policy_local
+                && port.externally_accessible()
+                && cat.local.is_empty()
+                && cat.has_any
+            {
+                merged.report.no_local_endpoints_external += 1;
+            }
+            if let Some(hc) = port.health_check_node_port {
+                let local: BTreeSet<_> = eps
+                    .iter()
+                    .filter(|e| e.is_local && e.ready)
+                    .map(|e| e.ip)
+                    .collect();
+                merged.report.health_check = Some((hc, local.len()));
+            }
             let mut o = render_service(&self.cfg, port, &cat, &input.node.node_ips);
             if let Some(np) = port.node_port {
                 match self.node_ports.get(&(port.protocol, np)) {
@@ -535,15 +553,7 @@ impl<R: CommandRunner> NftProxier<R> {
         )
     }
 
-    fn report(
-        &self,
-        full: bool,
-        bytes: usize,
-        ops: usize,
-        state: &ProxyState,
-        input: &SyncInput<'_>,
-        warnings: Vec<String>,
-    ) -> SyncReport {
+    fn report(&self, full: bool, bytes: usize, ops: usize, warnings: Vec<String>) -> SyncReport {
         let mut r = SyncReport {
             full,
             bytes_written: bytes,
@@ -552,27 +562,11 @@ impl<R: CommandRunner> NftProxier<R> {
             ..Default::default()
         };
         r.rules_written.insert("nft-ops", ops);
-        for port in state.services.values() {
-            let eps = state.endpoints_of(&port.name);
-            let cat = categorize_endpoints(port, eps, &input.node.topology);
-            if port.internal_policy_local && cat.local.is_empty() && cat.has_any {
-                r.no_local_endpoints_internal += 1;
-            }
-            if port.external_policy_local
-                && port.externally_accessible()
-                && cat.local.is_empty()
-                && cat.has_any
-            {
-                r.no_local_endpoints_external += 1;
-            }
-            if let Some(hc) = port.health_check_node_port {
-                let local: BTreeSet<_> = eps
-                    .iter()
-                    .filter(|e| e.is_local && e.ready)
-                    .map(|e| e.ip)
-                    .collect();
-                r.health_checks
-                    .insert(port.name.service.clone(), (hc, local.len()));
+        for (svc, o) in &self.current {
+            r.no_local_endpoints_internal += o.report.no_local_endpoints_internal;
+            r.no_local_endpoints_external += o.report.no_local_endpoints_external;
+            if let Some(hc) = o.report.health_check {
+                r.health_checks.insert(svc.clone(), hc);
             }
         }
         r
@@ -608,7 +602,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
             }
             self.current = all;
             self.needs_full = false;
-            return Ok(self.report(true, tx.text.len(), tx.ops, input.state, input, warnings));
+            return Ok(self.report(true, tx.text.len(), tx.ops, warnings));
         }
         let (tx, updates) = self.partial_tx(input, &mut warnings);
         if tx.ops > 0 {
@@ -648,7 +642,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
             }
         }
         self.needs_full = false;
-        Ok(self.report(false, tx.text.len(), tx.ops, input.state, input, warnings))
+        Ok(self.report(false, tx.text.len(), tx.ops, warnings))
     }
 
     fn needs_full_sync(&mut self) -> bool {

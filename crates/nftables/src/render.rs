@@ -183,6 +183,17 @@ pub struct ServiceObjects {
     pub hairpin: BTreeSet<String>,
     /// Shared picker chains this service's map entries jump to (reference-counted).
     pub pickers: BTreeSet<Picker>,
+    /// This service's share of the sync report, kept so a partial sync need not look
+    /// at the other services.
+    pub report: ServiceReport,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceReport {
+    pub no_local_endpoints_internal: usize,
+    pub no_local_endpoints_external: usize,
+    /// healthCheckNodePort and the number of local ready endpoints.
+    pub health_check: Option<(u16, usize)>,
 }
 
 pub fn skeleton(cfg: &NftConfig) -> Skeleton {

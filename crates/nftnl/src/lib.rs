@@ -140,7 +140,7 @@ impl NetlinkApplier {
             let stmt = batch.origin.get(idx).and_then(|i| stmts.get(*i));
             return Err(NftnlError::Rejected {
                 line: stmt.map_or(0, |s| s.line),
-                statement: stmt.map_or_else(String::new, |s| s.text.clone()),
+                statement: stmt.map_or_else(String::new, |s| s.text.to_string()),
                 errno: e.errno,
                 message: e.message.clone(),
                 more: errors.len() - 1,

@@ -279,14 +279,15 @@ pub enum Stmt {
 
 /// A statement with the line it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Statement {
+pub struct Statement<'a> {
     pub line: usize,
-    pub text: String,
+    /// The line, trimmed (borrowed from the transaction: a full sync is 100k+ lines).
+    pub text: &'a str,
     pub stmt: Stmt,
 }
 
 /// Parses a whole transaction; blank lines and `#` comments are skipped.
-pub fn parse(transaction: &str) -> Result<Vec<Statement>, ParseError> {
+pub fn parse(transaction: &str) -> Result<Vec<Statement<'_>>, ParseError> {
     let mut out = Vec::new();
     for (i, raw) in transaction.lines().enumerate() {
         let text = raw.trim();
@@ -306,7 +307,7 @@ pub fn parse(transaction: &str) -> Result<Vec<Statement>, ParseError> {
         }
         out.push(Statement {
             line: i + 1,
-            text: text.to_string(),
+            text,
             stmt,
         });
     }
