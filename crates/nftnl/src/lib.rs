@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use parse::{
     AddrRhs, Dir, Element, Family, Hook, KeyField, KeyPart, Obj, ParseError, Rule, RuleItem,
-    SetKey, SetSpec, Statement, Stmt, TypeofExpr, Verdict, parse,
+    SetKey, SetSpec, Statement, Stmt, TypeofExpr, Verdict, parse, parse_line,
 };
 
 use encode::Batch;
@@ -104,8 +104,16 @@ impl NetlinkApplier {
     /// error nothing of it is applied). Errors name the statement the kernel rejected.
     pub fn apply(&mut self, transaction: &str) -> Result<ApplyReport, NftnlError> {
         let start = Instant::now();
-        let stmts = parse(transaction)?;
-        if stmts.is_empty() {
+        // Parse and encode line by line: a full sync is 100k+ statements, and only the
+        // batch bytes (plus each statement's line) need to live until the reply.
+        let count = transaction
+            .lines()
+            .filter(|l| {
+                let t = l.trim();
+                !t.is_empty() && !t.starts_with('#')
+            })
+            .count();
+        if count == 0 {
             return Ok(ApplyReport {
                 messages: 0,
                 bytes: 0,
@@ -114,9 +122,13 @@ impl NetlinkApplier {
             });
         }
         let first = self.seq;
-        let mut batch = Batch::new(first, stmts.len() <= ACK_ALL_STATEMENTS);
-        for (i, s) in stmts.iter().enumerate() {
-            batch.statement(i, s);
+        let mut batch = Batch::new(first, count <= ACK_ALL_STATEMENTS);
+        let mut lines: Vec<(usize, &str)> = Vec::with_capacity(count);
+        for (i, raw) in transaction.lines().enumerate() {
+            if let Some(s) = parse_line(i + 1, raw)? {
+                batch.statement(lines.len(), &s);
+                lines.push((s.line, s.text));
+            }
         }
         let end_seq = batch.finish();
         self.seq = end_seq.wrapping_add(1);
@@ -137,10 +149,10 @@ impl NetlinkApplier {
                 });
             }
             let idx = (e.seq - first - 1) as usize;
-            let stmt = batch.origin.get(idx).and_then(|i| stmts.get(*i));
+            let stmt = batch.origin.get(idx).and_then(|i| lines.get(*i));
             return Err(NftnlError::Rejected {
-                line: stmt.map_or(0, |s| s.line),
-                statement: stmt.map_or_else(String::new, |s| s.text.to_string()),
+                line: stmt.map_or(0, |s| s.0),
+                statement: stmt.map_or_else(String::new, |s| s.1.to_string()),
                 errno: e.errno,
                 message: e.message.clone(),
                 more: errors.len() - 1,

@@ -290,28 +290,31 @@ pub struct Statement<'a> {
 pub fn parse(transaction: &str) -> Result<Vec<Statement<'_>>, ParseError> {
     let mut out = Vec::new();
     for (i, raw) in transaction.lines().enumerate() {
-        let text = raw.trim();
-        if text.is_empty() || text.starts_with('#') {
-            continue;
+        if let Some(s) = parse_line(i + 1, raw)? {
+            out.push(s);
         }
-        let err = |reason: String| ParseError {
-            line: i + 1,
-            text: text.to_string(),
-            reason,
-        };
-        let toks = tokenize(text).map_err(err)?;
-        let mut p = P { t: &toks, i: 0 };
-        let stmt = p.statement().map_err(err)?;
-        if p.i != toks.len() {
-            return Err(err(format!("unexpected `{}`", toks[p.i])));
-        }
-        out.push(Statement {
-            line: i + 1,
-            text,
-            stmt,
-        });
     }
     Ok(out)
+}
+
+/// Parses line `line` (1-based) of a transaction; `None` for a blank line or comment.
+pub fn parse_line(line: usize, raw: &str) -> Result<Option<Statement<'_>>, ParseError> {
+    let text = raw.trim();
+    if text.is_empty() || text.starts_with('#') {
+        return Ok(None);
+    }
+    let err = |reason: String| ParseError {
+        line,
+        text: text.to_string(),
+        reason,
+    };
+    let toks = tokenize(text).map_err(err)?;
+    let mut p = P { t: &toks, i: 0 };
+    let stmt = p.statement().map_err(err)?;
+    if p.i != toks.len() {
+        return Err(err(format!("unexpected `{}`", toks[p.i])));
+    }
+    Ok(Some(Statement { line, text, stmt }))
 }
 
 /// Splits on whitespace; `{ } , ;` are tokens of their own; `"…"` is one token (quotes kept).
