@@ -273,7 +273,7 @@ fn sync_once(
                 || !changes.stale_udp_endpoints.is_empty()
                 || !changes.udp_services_gained_endpoints.is_empty()
             {
-                reconcile_conntrack(shared, &state);
+                reconcile_conntrack(shared, state);
             }
             // Log rendering problems when they change, not on every sync.
             if let Ok(mut last) = shared.last_warnings.lock()

@@ -441,7 +441,8 @@ pub fn render_service(
     let ext_chain = service_chain("external-", &svc.name);
     let fw_chain = service_chain("firewall-", &svc.name);
     let affinity = svc.session_affinity_timeout.is_some();
-    let shared = !affinity && !(svc.external_policy_local && svc.externally_accessible());
+    let per_service_chains = affinity || (svc.external_policy_local && svc.externally_accessible());
+    let shared = !per_service_chains;
     let internal_chain = if svc.internal_policy_local {
         &local_chain
     } else {

@@ -525,10 +525,10 @@ fn concat_type(exprs: &[TypeofExpr]) -> (u32, u32) {
             TypeofExpr::Numgen { .. } => 4,
         };
         t = (t << 6) | ft;
-        l += e.len().div_ceil(4) * 4;
+        l += e.byte_len().div_ceil(4) * 4;
     }
     if exprs.len() == 1 {
-        l = exprs[0].len();
+        l = exprs[0].byte_len();
     }
     (t, l)
 }

@@ -324,7 +324,7 @@ pub(crate) fn encode_rule(
                             m.u32(3, 1); // NFT_NG_RANDOM
                         }),
                     }
-                    idx += k.len().div_ceil(4);
+                    idx += k.byte_len().div_ceil(4);
                 }
                 e.expr("lookup", |m| {
                     m.u32(2, NFT_REG_1);

@@ -90,7 +90,7 @@ pub enum TypeofExpr {
 
 impl TypeofExpr {
     /// Bytes of the value (before padding a concatenation field to 4).
-    pub fn len(&self) -> u32 {
+    pub fn byte_len(&self) -> u32 {
         match self {
             TypeofExpr::Addr { v6: false, .. } => 4,
             TypeofExpr::Addr { v6: true, .. } => 16,
