@@ -20,7 +20,7 @@ pub struct NftProxier<R: CommandRunner> {
     /// What the kernel holds, per service (all its ports merged).
     current: HashMap<NamespacedName, ServiceObjects>,
     /// How many services use each `hairpin-endpoints` element.
-    hairpin_refs: HashMap<String, u32>,
+    hairpin_refs: HashMap<std::net::IpAddr, u32>,
     /// How many services use each shared picker chain.
     picker_refs: HashMap<Picker, u32>,
     /// Statements per transaction when a sync is split.
@@ -56,6 +56,11 @@ fn ports_of<'a>(
         .range(lo..)
         .take_while(move |(k, _)| k.service == *svc)
         .map(|(_, v)| v.as_ref())
+}
+
+/// `hairpin-endpoints` key of an endpoint IP.
+fn hairpin_key(ip: std::net::IpAddr) -> String {
+    format!("{ip} . {ip}")
 }
 
 fn is_endpoint_chain(name: &str) -> bool {
@@ -151,7 +156,7 @@ impl<R: CommandRunner> NftProxier<R> {
                         let key = format!("{} . {np}", port.protocol.lower());
                         let slot_prefix = format!("{key} . ");
                         o.elements.retain(|(set, k), _| {
-                            !((set == SERVICE_NODEPORTS || set == NO_ENDPOINT_NODEPORTS)
+                            !((*set == SERVICE_NODEPORTS || *set == NO_ENDPOINT_NODEPORTS)
                                 && *k == key)
                                 && !(set.starts_with(NODEPORT_ENDPOINTS)
                                     && k.starts_with(&slot_prefix))
@@ -270,12 +275,16 @@ impl<R: CommandRunner> NftProxier<R> {
         tx.add_elements(all.values().flat_map(|o| {
             o.elements
                 .iter()
-                .map(|((s, k), v)| (s.as_str(), k.as_str(), v.as_str()))
+                .map(|((s, k), v)| (*s, k.as_str(), v.as_str()))
         }));
-        let hairpin: BTreeSet<&String> = all.values().flat_map(|o| &o.hairpin).collect();
+        let hairpin: BTreeSet<String> = all
+            .values()
+            .flat_map(|o| &o.hairpin)
+            .map(|ip| hairpin_key(*ip))
+            .collect();
         tx.add_elements(
             hairpin
-                .into_iter()
+                .iter()
                 .map(|k| (HAIRPIN_ENDPOINTS, k.as_str(), "")),
         );
         (tx, all)
@@ -289,15 +298,15 @@ impl<R: CommandRunner> NftProxier<R> {
         let mut tx = Tx::new(self.cfg.nft_family());
         let mut updates = Vec::new();
         let empty = ServiceObjects::default();
-        let mut del_elems: Vec<(String, String)> = Vec::new();
+        let mut del_elems: Vec<(&'static str, String)> = Vec::new();
         let mut add_sets: Vec<(String, u32)> = Vec::new();
         let mut add_chains: Vec<String> = Vec::new();
         let mut rewrite: Vec<(String, bool, Vec<String>)> = Vec::new();
-        let mut add_elems: Vec<(String, String, String)> = Vec::new();
+        let mut add_elems: Vec<(&'static str, String, String)> = Vec::new();
         let mut del_chains: Vec<String> = Vec::new();
         let mut del_sets: Vec<String> = Vec::new();
-        let mut hairpin_delta: HashMap<String, i64> = HashMap::new();
-        let mut replace_elems: Vec<(String, String, String)> = Vec::new();
+        let mut hairpin_delta: HashMap<std::net::IpAddr, i64> = HashMap::new();
+        let mut replace_elems: Vec<(&'static str, String, String)> = Vec::new();
         let mut picker_delta: HashMap<Picker, i64> = HashMap::new();
         tx.split_every(self.transaction_statements);
         for svc in &input.changes.services {
@@ -313,8 +322,8 @@ impl<R: CommandRunner> NftProxier<R> {
                     Some(was) if was == v => {}
                     // A changed value is replaced in place: delete and add in one
                     // transaction, so the key never goes missing.
-                    Some(_) => replace_elems.push((k.0.clone(), k.1.clone(), v.clone())),
-                    None => add_elems.push((k.0.clone(), k.1.clone(), v.clone())),
+                    Some(_) => replace_elems.push((k.0, k.1.clone(), v.clone())),
+                    None => add_elems.push((k.0, k.1.clone(), v.clone())),
                 }
             }
             for (s, t) in &new.affinity_sets {
@@ -352,10 +361,10 @@ impl<R: CommandRunner> NftProxier<R> {
                 *picker_delta.entry(*p).or_default() -= 1;
             }
             for k in new.hairpin.difference(&old.hairpin) {
-                *hairpin_delta.entry(k.clone()).or_default() += 1;
+                *hairpin_delta.entry(*k).or_default() += 1;
             }
             for k in old.hairpin.difference(&new.hairpin) {
-                *hairpin_delta.entry(k.clone()).or_default() -= 1;
+                *hairpin_delta.entry(*k).or_default() -= 1;
             }
             updates.push((svc.clone(), new));
         }
@@ -374,14 +383,14 @@ impl<R: CommandRunner> NftProxier<R> {
             let before = i64::from(self.hairpin_refs.get(k).copied().unwrap_or(0));
             match (before, before + d) {
                 (0, after) if after > 0 => {
-                    add_elems.push((HAIRPIN_ENDPOINTS.into(), k.clone(), String::new()))
+                    add_elems.push((HAIRPIN_ENDPOINTS, hairpin_key(*k), String::new()))
                 }
-                (b, 0) if b > 0 => del_elems.push((HAIRPIN_ENDPOINTS.into(), k.clone())),
+                (b, 0) if b > 0 => del_elems.push((HAIRPIN_ENDPOINTS, hairpin_key(*k))),
                 _ => {}
             }
         }
         // Order matters within the transaction: drop references before their targets go.
-        tx.delete_elements(del_elems.iter().map(|(s, k)| (s.as_str(), k.as_str())));
+        tx.delete_elements(del_elems.iter().map(|(s, k)| (*s, k.as_str())));
         let addr_type = self.addr_type();
         for (s, t) in &add_sets {
             if del_sets.contains(s) {
@@ -407,18 +416,18 @@ impl<R: CommandRunner> NftProxier<R> {
         tx.add_elements(
             add_elems
                 .iter()
-                .map(|(s, k, v)| (s.as_str(), k.as_str(), v.as_str())),
+                .map(|(s, k, v)| (*s, k.as_str(), v.as_str())),
         );
         tx.atomic(|tx| {
             tx.delete_elements(
                 replace_elems
                     .iter()
-                    .map(|(s, k, _)| (s.as_str(), k.as_str())),
+                    .map(|(s, k, _)| (*s, k.as_str())),
             );
             tx.add_elements(
                 replace_elems
                     .iter()
-                    .map(|(s, k, v)| (s.as_str(), k.as_str(), v.as_str())),
+                    .map(|(s, k, v)| (*s, k.as_str(), v.as_str())),
             );
         });
         // Chains that go: flush all first (they may jump to each other), then delete.
@@ -594,7 +603,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
             self.picker_refs.clear();
             for o in all.values() {
                 for k in &o.hairpin {
-                    *self.hairpin_refs.entry(k.clone()).or_default() += 1;
+                    *self.hairpin_refs.entry(*k).or_default() += 1;
                 }
                 for p in &o.pickers {
                     *self.picker_refs.entry(*p).or_default() += 1;
@@ -630,7 +639,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
                 }
             }
             for k in &o.hairpin {
-                *self.hairpin_refs.entry(k.clone()).or_default() += 1;
+                *self.hairpin_refs.entry(*k).or_default() += 1;
             }
             for p in &o.pickers {
                 *self.picker_refs.entry(*p).or_default() += 1;

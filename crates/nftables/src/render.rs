@@ -65,13 +65,20 @@ impl Picker {
 
     /// The endpoint map, one per protocol (nft 1.0.6 cannot add a rule naming a
     /// `th dport` map from a second invocation: "conflicting protocols").
-    pub fn map(&self) -> String {
-        let base = match self.kind {
-            PickKind::Internal | PickKind::External => CLUSTER_ENDPOINTS,
-            PickKind::InternalLocal => LOCAL_ENDPOINTS,
-            PickKind::NodePort => NODEPORT_ENDPOINTS,
-        };
-        format!("{base}-{}", self.protocol.lower())
+    pub fn map(&self) -> &'static str {
+        use PickKind::*;
+        use Protocol::*;
+        match (self.kind, self.protocol) {
+            (Internal | External, Tcp) => "cluster-endpoints-tcp",
+            (Internal | External, Udp) => "cluster-endpoints-udp",
+            (Internal | External, Sctp) => "cluster-endpoints-sctp",
+            (InternalLocal, Tcp) => "local-endpoints-tcp",
+            (InternalLocal, Udp) => "local-endpoints-udp",
+            (InternalLocal, Sctp) => "local-endpoints-sctp",
+            (NodePort, Tcp) => "nodeport-endpoints-tcp",
+            (NodePort, Udp) => "nodeport-endpoints-udp",
+            (NodePort, Sctp) => "nodeport-endpoints-sctp",
+        }
     }
 }
 
@@ -175,12 +182,12 @@ pub struct ServiceObjects {
     /// Chain -> rules (the text after `add rule <family> kube-proxy <chain> `).
     pub chains: BTreeMap<String, Vec<String>>,
     /// (map or set, key) -> value (empty for sets).
-    pub elements: BTreeMap<(String, String), String>,
+    pub elements: BTreeMap<(&'static str, String), String>,
     /// Affinity sets (name -> timeout seconds).
     pub affinity_sets: BTreeMap<String, u32>,
     /// Endpoint IPs (`hairpin-endpoints` keys `ip . ip`); shared between services, so the
     /// proxier reference-counts them.
-    pub hairpin: BTreeSet<String>,
+    pub hairpin: BTreeSet<IpAddr>,
     /// Shared picker chains this service's map entries jump to (reference-counted).
     pub pickers: BTreeSet<Picker>,
     /// This service's share of the sync report, kept so a partial sync need not look
@@ -503,12 +510,12 @@ pub fn render_service(
     let ip_routed = if shared { has_external } else { uses_ext_chain };
 
     let key = |ip: &IpAddr, port: u16| format!("{ip} . {proto} . {port}");
-    let mut el = |map: &str, k: String, v: String| {
-        o.elements.insert((map.to_string(), k), v);
+    let mut el = |map: &'static str, k: String, v: String| {
+        o.elements.insert((map, k), v);
     };
     let mut pickers = BTreeSet::new();
-    let slots = |el: &mut dyn FnMut(&str, String, String),
-                 map: &str,
+    let slots = |el: &mut dyn FnMut(&'static str, String, String),
+                 map: &'static str,
                  entry: &str,
                  eps: &[kp_model::Endpoint]| {
         for (i, ep) in eps.iter().enumerate() {
@@ -553,7 +560,7 @@ pub fn render_service(
             el(SERVICE_IPS, key(ip, svc.port), format!("goto {ip_target}"));
             if shared {
                 let p = picker(PickKind::External, external_eps.len());
-                slots(&mut el, &p.map(), &key(ip, svc.port), external_eps);
+                slots(&mut el, p.map(), &key(ip, svc.port), external_eps);
                 pickers.insert(p);
             }
         }
@@ -579,7 +586,7 @@ pub fn render_service(
             );
             if shared {
                 let p = picker(PickKind::NodePort, external_eps.len());
-                slots(&mut el, &p.map(), &format!("{proto} . {np}"), external_eps);
+                slots(&mut el, p.map(), &format!("{proto} . {np}"), external_eps);
                 pickers.insert(p);
             }
         }
@@ -632,7 +639,7 @@ pub fn render_service(
         );
     }
     for ep in &cat.all_reachable {
-        o.hairpin.insert(format!("{} . {}", ep.ip, ep.ip));
+        o.hairpin.insert(ep.ip);
     }
     if shared {
         return o;
