@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use kp_testkit::lab::{Lab, http_get, localhost, wait_for};
+use kp_testkit::lab::{Lab, http_get, localhost};
+use kp_testkit::netns::in_netns;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -23,6 +24,9 @@ struct Args {
     /// Endpoint changes to measure.
     #[arg(long, default_value_t = 20)]
     changes: usize,
+    /// Endpoint changes in the burst (M4), one per service.
+    #[arg(long, default_value_t = 1000)]
+    burst: usize,
     /// Proxy mode: iptables or nftables.
     #[arg(long, default_value = "iptables")]
     mode: String,
@@ -75,6 +79,34 @@ fn log_field_ms(log: &str, field: &str) -> Vec<(bool, f64)> {
         .collect()
 }
 
+/// utime + stime of a process, in seconds.
+fn proc_cpu_seconds(pid: Option<u32>) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.unwrap_or(0)))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may contain spaces) start at ')'.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let u: f64 = f.get(11)?.parse().ok()?;
+            let sy: f64 = f.get(12)?.parse().ok()?;
+            Some((u + sy) / tick)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn proc_status_kib(pid: Option<u32>, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{}/status", pid.unwrap_or(0)))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
 /// median, p99, min, max
 fn stats(v: &[f64]) -> (f64, f64, f64, f64) {
     let mut v = v.to_vec();
@@ -114,6 +146,29 @@ fn main() -> anyhow::Result<()> {
         emu.apply(slice(i, args.endpoints, 0))?;
     }
     let load_time = t_load.elapsed();
+    // One service with a real pod behind it, for the connect-latency measurement (M5).
+    let probe_ip = "10.96.255.250";
+    let labels = json!({"app": "probe"});
+    let manifest = [
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "probe", "namespace": "default"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": {"containers": [
+                    {"name": "web", "ports": [{"name": "http", "containerPort": 8080}]}]}}}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "probe", "namespace": "default"},
+            "spec": {"clusterIP": probe_ip, "selector": labels,
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+    ]
+    .map(|v| v.to_string())
+    .join("\n---\n");
+    lab.cluster.apply_manifest(&manifest)?;
+    let probe_pod = lab
+        .cluster
+        .pods()
+        .into_iter()
+        .find(|p| p.name.starts_with("probe"))
+        .context("probe pod")?;
 
     let node = lab.node_ns(1);
     let t0 = Instant::now();
@@ -131,10 +186,21 @@ fn main() -> anyhow::Result<()> {
     let mode_flag = format!("--proxy-mode={}", args.mode);
     lab.start_proxy(&binary, 1, &["--iptables-min-sync-period=0s", &mode_flag])?;
     // The IPv4 family's first sync is the one that programs these services.
-    wait_for(Duration::from_secs(600), || {
-        (!sync_times_ms(&lab.proxy_log(1)).is_empty()).then_some(())
-    })
-    .context("first sync never completed")?;
+    // RSS once the initial lists are in (model and watches, before the dataplane).
+    let mut rss_listed = f64::NAN;
+    loop {
+        let log = lab.proxy_log(1);
+        if rss_listed.is_nan() && log.contains("initial Service and EndpointSlice lists complete") {
+            rss_listed = proc_status_kib(lab.proxy(1).and_then(|p| p.child.id()), "VmRSS:");
+        }
+        if !sync_times_ms(&log).is_empty() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("first sync never completed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let _ = metric(&node, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
     let cold = t0.elapsed();
     let first = sync_times_ms(&lab.proxy_log(1))
@@ -172,13 +238,73 @@ fn main() -> anyhow::Result<()> {
         change_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         let _ = want;
     }
-    let partial: Vec<f64> = sync_times_ms(&lab.proxy_log(1))
+    // The M3 syncs: the ones after the first, before the burst.
+    let m3_log = lab.proxy_log(1);
+    let m3_count = sync_times_ms(&m3_log).len();
+
+    // M4: a burst of endpoint changes (one per service, written as fast as the API
+    // takes them), then the time until a sync that started after the last write ends.
+    let burst = args.burst.min(args.services);
+    let syncs_before = sync_times_ms(&lab.proxy_log(1)).len();
+    let cpu_before = proc_cpu_seconds(lab.proxy(1).and_then(|p| p.child.id()));
+    let t_burst = Instant::now();
+    for i in 0..burst {
+        emu.apply(slice(i, args.endpoints, 3))?;
+    }
+    let burst_write = t_burst.elapsed();
+    let t_last = Instant::now();
+    let mut burst_converged = f64::NAN;
+    loop {
+        // Each service changed once, so the burst is applied when the syncs since it
+        // began have covered `burst` changed services.
+        let covered: usize = log_field_ms(&lab.proxy_log(1), "changed_services=")
+            .iter()
+            .skip(syncs_before)
+            .map(|(_, n)| *n as usize)
+            .sum();
+        if covered >= burst {
+            burst_converged = t_last.elapsed().as_secs_f64() * 1000.0;
+            break;
+        }
+        if t_last.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let burst_cpu = proc_cpu_seconds(lab.proxy(1).and_then(|p| p.child.id())) - cpu_before;
+    let burst_syncs = sync_times_ms(&lab.proxy_log(1)).len() - syncs_before;
+
+    // M5: TCP connect time from the node through the ClusterIP vs to the pod directly.
+    let probe_addr: std::net::SocketAddr = format!("{probe_ip}:80").parse()?;
+    let pod_addr = std::net::SocketAddr::new(probe_pod.ip, 8080);
+    let (via_vip, direct) = in_netns(&node, || {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for _ in 0..300 {
+            for (addr, out) in [(probe_addr, &mut a), (pod_addr, &mut b)] {
+                let t = Instant::now();
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                    out.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+        (a, b)
+    })?;
+
+    // M8: CPU of an idle proxy (no changes) over a few seconds.
+    let idle_secs = 10.0;
+    let c0 = proc_cpu_seconds(lab.proxy(1).and_then(|p| p.child.id()));
+    std::thread::sleep(Duration::from_secs_f64(idle_secs));
+    let idle_cpu = proc_cpu_seconds(lab.proxy(1).and_then(|p| p.child.id())) - c0;
+
+    let partial: Vec<f64> = sync_times_ms(&m3_log)
         .into_iter()
+        .take(m3_count)
         .skip(1)
         .filter(|(full, _)| !full)
         .map(|x| x.1)
         .collect();
-    let applies = log_field_ms(&lab.proxy_log(1), "apply_ms=");
+    let applies = log_field_ms(&m3_log, "apply_ms=");
     let first_apply = applies.first().map(|x| x.1).unwrap_or(f64::NAN);
     let partial_apply: Vec<f64> = applies
         .into_iter()
@@ -198,6 +324,45 @@ fn main() -> anyhow::Result<()> {
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
     })
     .unwrap_or(f64::NAN);
+
+    // M2: warm restart (SIGTERM, start again) with the rules in the kernel, while a prober
+    // connects to the probe service every ~2 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let node = node.clone();
+        std::thread::spawn(move || {
+            in_netns(&node, || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match std::net::TcpStream::connect_timeout(&probe_addr, Duration::from_secs(1))
+                    {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                (ok, failed)
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let syncs_before_restart = sync_times_ms(&lab.proxy_log(1)).len();
+    let t_restart = Instant::now();
+    lab.stop_proxy(1, false);
+    lab.start_proxy(&binary, 1, &["--iptables-min-sync-period=0s", &mode_flag])?;
+    while sync_times_ms(&lab.proxy_log(1)).len() <= syncs_before_restart {
+        if t_restart.elapsed() > Duration::from_secs(600) {
+            bail!("no sync after the restart");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let warm = t_restart.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (probe_ok, probe_failed) = prober
+        .join()
+        .map_err(|_| anyhow::anyhow!("prober panicked"))??;
 
     // Kernel floor: load the final ruleset alone into a fresh namespace.
     lab.stop_proxy(1, false);
@@ -295,11 +460,43 @@ fn main() -> anyhow::Result<()> {
         change_ms.len()
     );
     println!("| M3 partial sync, proxy's timer | {p50:.1} ms | {p99:.1} | {pmin:.1} | {pmax:.1} |");
+    println!(
+        "| M4 burst of {burst} endpoint changes ({:.0} ms to write): last write -> converged | {burst_converged:.0} ms | | | |",
+        burst_write.as_secs_f64() * 1000.0
+    );
+    println!("| M4 proxy CPU for the burst, syncs | {burst_cpu:.2} s, {burst_syncs} syncs | | | |");
+    let (v50, v99, vmin, vmax) = stats(&via_vip);
+    let (d50, d99, dmin, dmax) = stats(&direct);
+    println!(
+        "| M5 TCP connect via ClusterIP (n={}) | {v50:.0} us | {v99:.0} | {vmin:.0} | {vmax:.0} |",
+        via_vip.len()
+    );
+    println!(
+        "| M5 TCP connect to the pod IP (n={}); ratio of medians {:.2} | {d50:.0} us | {d99:.0} | {dmin:.0} | {dmax:.0} |",
+        direct.len(),
+        v50 / d50
+    );
+    println!(
+        "| M8 idle CPU ({idle_secs:.0} s, no changes) | {:.2}% of one core | | | |",
+        idle_cpu / idle_secs * 100.0
+    );
+    println!(
+        "| M2 warm restart: SIGTERM -> new proxy's first sync committed | {:.0} ms | | | |",
+        warm.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| M2 connections during the restart: failed / total | {probe_failed} / {} | | | |",
+        probe_ok + probe_failed
+    );
     println!("| M3 of which apply ({applier}) | {a50:.2} ms | {a99:.2} | {amin:.2} | {amax:.2} |");
     println!(
         "| M7 proxy RSS after the changes (peak during the cold full sync) | {:.1} MiB ({:.1}) | | | |",
         rss_now / 1024.0,
         rss / 1024.0
+    );
+    println!(
+        "| M7 of which: RSS with the initial lists in, before the first sync | {:.1} MiB | | | |",
+        rss_listed / 1024.0
     );
     if let Ok(path) = std::env::var("KP_BENCH_CSV") {
         use std::io::Write;

@@ -282,11 +282,7 @@ impl<R: CommandRunner> NftProxier<R> {
             .flat_map(|o| &o.hairpin)
             .map(|ip| hairpin_key(*ip))
             .collect();
-        tx.add_elements(
-            hairpin
-                .iter()
-                .map(|k| (HAIRPIN_ENDPOINTS, k.as_str(), "")),
-        );
+        tx.add_elements(hairpin.iter().map(|k| (HAIRPIN_ENDPOINTS, k.as_str(), "")));
         (tx, all)
     }
 
@@ -419,11 +415,7 @@ impl<R: CommandRunner> NftProxier<R> {
                 .map(|(s, k, v)| (*s, k.as_str(), v.as_str())),
         );
         tx.atomic(|tx| {
-            tx.delete_elements(
-                replace_elems
-                    .iter()
-                    .map(|(s, k, _)| (*s, k.as_str())),
-            );
+            tx.delete_elements(replace_elems.iter().map(|(s, k, _)| (*s, k.as_str())));
             tx.add_elements(
                 replace_elems
                     .iter()
