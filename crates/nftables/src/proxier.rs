@@ -545,8 +545,20 @@ impl<R: CommandRunner> NftProxier<R> {
     }
 
     /// A small chain stands for the table: gone after `nft flush ruleset` or
-    /// `nft delete table`, and cheap to list at any scale.
-    fn table_present(&self) -> bool {
+    /// `nft delete table`. Asked over netlink (a dump of that chain's rules); `nft list
+    /// chain` would read the whole table first (seconds at 30k services).
+    fn table_present(&mut self) -> bool {
+        if let Some(netlink) = self.netlink.as_mut() {
+            let family = match self.cfg.family {
+                IpFamily::V4 => kp_nftnl::Family::Ip,
+                IpFamily::V6 => kp_nftnl::Family::Ip6,
+            };
+            // nat-prerouting holds exactly the jump to `services`.
+            match netlink.chain_rule_count(family, TABLE, "nat-prerouting") {
+                Ok(n) => return n.is_some_and(|n| n >= 1),
+                Err(e) => tracing::debug!(error = %e, "netlink chain probe failed; asking nft"),
+            }
+        }
         let f = self.cfg.nft_family();
         matches!(
             self.runner.run("nft", &["list", "chain", f, TABLE, "nat-prerouting"], None),

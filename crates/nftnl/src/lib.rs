@@ -166,6 +166,88 @@ impl NetlinkApplier {
         })
     }
 
+    /// Rules in `chain` of `table`, or `None` when the chain (or table) does not exist.
+    /// One filtered rule dump: the kernel sends that chain's rules only, so this is cheap
+    /// whatever the size of the table (`nft list chain` reads the whole table first).
+    pub fn chain_rule_count(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<Option<usize>, NftnlError> {
+        const NFT_MSG_GETRULE: u16 = 7;
+        const NFT_MSG_NEWRULE: u16 = 6;
+        const NLM_F_REQUEST: u16 = 1;
+        const NLM_F_DUMP: u16 = 0x300;
+        const NLMSG_ERROR: u16 = 2;
+        const NLMSG_DONE: u16 = 3;
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut msg = Vec::with_capacity(64);
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&((10u16 << 8) | NFT_MSG_GETRULE).to_ne_bytes());
+        msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        msg.extend_from_slice(&seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&[family.nfproto(), 0, 0, 0]);
+        for (ty, v) in [(1u16, table), (2u16, chain)] {
+            let len = 4 + v.len() + 1;
+            msg.extend_from_slice(&(len as u16).to_ne_bytes());
+            msg.extend_from_slice(&ty.to_ne_bytes());
+            msg.extend_from_slice(v.as_bytes());
+            msg.push(0);
+            while msg.len() % 4 != 0 {
+                msg.push(0);
+            }
+        }
+        let total = msg.len() as u32;
+        msg[..4].copy_from_slice(&total.to_ne_bytes());
+        while let Ok(Some(_)) = self.sock.recv(&mut self.rbuf, 0) {}
+        self.sock.send(&msg)?;
+        let mut rules = 0;
+        loop {
+            let n = match self.sock.recv(&mut self.rbuf, REPLY_TIMEOUT_MS)? {
+                Some(n) => n,
+                None => return Err(NftnlError::NoReply),
+            };
+            let b = &self.rbuf[..n];
+            let mut off = 0;
+            while off + 16 <= b.len() {
+                let len = u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]) as usize;
+                let ty = u16::from_ne_bytes([b[off + 4], b[off + 5]]);
+                let mseq = u32::from_ne_bytes([b[off + 8], b[off + 9], b[off + 10], b[off + 11]]);
+                if len < 16 || off + len > b.len() {
+                    break;
+                }
+                if mseq == seq {
+                    match ty {
+                        NLMSG_DONE => return Ok(Some(rules)),
+                        NLMSG_ERROR => {
+                            let errno = if len >= 20 {
+                                -i32::from_ne_bytes([
+                                    b[off + 16],
+                                    b[off + 17],
+                                    b[off + 18],
+                                    b[off + 19],
+                                ])
+                            } else {
+                                0
+                            };
+                            return match errno {
+                                0 => Ok(Some(rules)),
+                                libc::ENOENT => Ok(None),
+                                e => Err(std::io::Error::from_raw_os_error(e).into()),
+                            };
+                        }
+                        t if t == (10 << 8) | NFT_MSG_NEWRULE => rules += 1,
+                        _ => {}
+                    }
+                }
+                off += len.div_ceil(4) * 4;
+            }
+        }
+    }
+
     /// Reads replies until the one for `last` (delivered last by the kernel) arrives.
     fn replies(&mut self, first: u32, last: u32) -> Result<Vec<Reply>, NftnlError> {
         let mut out: Vec<Reply> = vec![];
