@@ -542,7 +542,7 @@ pub fn render_service(
             let p = picker(kind, internal_eps.len());
             slots(
                 &mut el,
-                &p.map(),
+                p.map(),
                 &key(&svc.cluster_ip, svc.port),
                 internal_eps,
             );
