@@ -152,8 +152,7 @@ fn run(seed: u64) {
     let mut node = NodeInfo::default();
     node.topology.node_name = "node1".into();
     let mut svcs: Vec<Option<Svc>> = vec![None; 24];
-    let mut applier_a =
-        |text: &str| a.run(|| NetlinkApplier::open().unwrap().apply(text).map(|_| ()));
+    let applier_a = |text: &str| a.run(|| NetlinkApplier::open().unwrap().apply(text).map(|_| ()));
     for step in 0..60 {
         let i = r.below(svcs.len() as u64) as usize;
         match (r.below(5), svcs[i].clone()) {
