@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use kp_testkit::lab::{http_get, wait_for};
+use kp_testkit::lab::{Lab, http_get, wait_for};
 use kp_testkit::netns::bind_tcp_in;
 use kp_testkit::probe::{probe_tcp, tcp_connect_once};
 use serde_json::json;
@@ -161,4 +161,134 @@ fn clashing_node_ports_bad_source_ranges_and_unproxied_families_warn() {
         let r = probe_tcp(&ext, target, 10, T).unwrap();
         assert_eq!(r.total_ok(), 10, "{name}: {r}");
     }
+}
+
+/// The whole ruleset of node `n` in the current mode, as text.
+fn ruleset(lab: &Lab, n: usize) -> String {
+    if iptables_mode() {
+        let (nat, filter) = nat_and_filter(lab, n);
+        format!("{nat}{filter}")
+    } else {
+        lab.topology()
+            .exec_ok(
+                &lab.node_ns(n),
+                &["nft", "list", "table", "ip", "kube-proxy"],
+            )
+            .expect("nft list")
+    }
+}
+
+#[test]
+fn hostile_corpus_is_rejected_or_applied_and_never_leaks_into_rules() {
+    let mut lab = new_lab(1);
+    deploy(&mut lab, "good", "good", 1, Some(json!({})));
+    start(&mut lab, 1, &[]);
+    let ext = ext_ns(&lab);
+    let good = svc_addr(&lab, "default", "good", 80);
+    wait_serving(&lab, &ext, good, SETTLE);
+
+    let evil = "x\"; flush ruleset; \n-A INPUT -j DROP #\u{202e}λ";
+    let huge = "z".repeat(64 * 1024);
+    let slice = |name: &str, svc: &str, family: &str, eps: Vec<serde_json::Value>| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "default", "name": name,
+                "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": family, "endpoints": eps,
+            "ports": [{"name": "p0", "port": 8080, "protocol": "TCP"}]})
+    };
+    let ep = |ip: String| json!({"addresses": [ip], "conditions": {"ready": true}});
+    let ports: Vec<serde_json::Value> = (0..200)
+        .map(|i| json!({"name": format!("p{i}"), "port": 1000 + i, "protocol": "TCP"}))
+        .collect();
+    let corpus = vec![
+        // Names, annotations and labels no API server would store.
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": evil},
+            "spec": {"clusterIP": "10.96.200.1", "ports": [{"port": 80}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": evil, "name": "ns-evil"},
+            "spec": {"clusterIP": "10.96.200.2", "ports": [{"port": 80}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": "big-meta",
+                "annotations": {"a": huge, "b": evil}, "labels": {"l": evil}},
+            "spec": {"clusterIP": "10.96.200.3", "ports": [{"name": "p0", "port": 80, "protocol": "TCP"}],
+                "unknownField": {"nested": [1, 2, 3]}}}),
+        // A port name with rule syntax in it, an invalid IP, a port out of range.
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": "bad-port-name"},
+            "spec": {"clusterIP": "10.96.200.4", "ports": [{"name": evil, "port": 80}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": "bad-ip"},
+            "spec": {"clusterIP": "10.96.300.5", "ports": [{"port": 80}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": "bad-port"},
+            "spec": {"clusterIP": "10.96.200.6", "ports": [{"port": 70000}]}}),
+        // 200 ports; a slice for it with 10,000 endpoints, and one with duplicates.
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "default", "name": "many"},
+            "spec": {"clusterIP": "10.96.200.7", "ports": ports}}),
+        slice(
+            "many-a",
+            "many",
+            "IPv4",
+            (0..10_000)
+                .map(|i| ep(format!("10.250.{}.{}", i / 250, i % 250 + 1)))
+                .collect(),
+        ),
+        slice(
+            "many-b",
+            "many",
+            "IPv4",
+            (0..5).map(|i| ep(format!("10.250.0.{}", i + 1))).collect(),
+        ),
+        // The wrong family, and endpoint addresses that are not IPs at all.
+        slice("big-meta-6", "big-meta", "IPv6", vec![ep("fd00::1".into())]),
+        slice(
+            "big-meta-bad",
+            "big-meta",
+            "IPv4",
+            vec![ep(evil.into()), ep("10.250.99.1".into())],
+        ),
+    ];
+    for o in corpus {
+        lab.emulator.apply_unvalidated(o).expect("stored");
+    }
+    // The proxy takes them in: "many" gets its rules (the last of its 10,000 endpoints
+    // included), the rest is rejected with a warning.
+    let ok = wait_for(SETTLE, || {
+        let r = ruleset(&lab, 1);
+        (r.contains("10.96.200.7") && r.contains("10.250.39.250") && r.contains("10.250.99.1"))
+            .then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "rules for the 200-port service and its 10,000 endpoints"
+    );
+    assert!(
+        wait_log(&lab, &["skipping invalid Service"]),
+        "{}",
+        lab.proxy_log(1)
+    );
+    let rules = ruleset(&lab, 1);
+    for needle in [
+        "flush ruleset",
+        "-A INPUT -j DROP",
+        "\u{202e}",
+        "λ",
+        "zzzzzzzz",
+        "10.96.300.5",
+    ] {
+        assert!(!rules.contains(needle), "{needle:?} reached the rules");
+    }
+    assert!(
+        wait_log(&lab, &["ignoring invalid endpoint"]),
+        "{}",
+        lab.proxy_log(1)
+    );
+    // Still alive, still serving the good service.
+    assert!(lab.proxy(1).is_some_and(|p| p.child.id().is_some()));
+    let r = probe(&ext, good, L4::Tcp, 20, T);
+    assert_eq!(r.total_ok(), 20, "{r}");
+    let (code, _) = http_get(&lab.node_ns(1), sa("127.0.0.1:10256"), "/healthz").expect("healthz");
+    assert_eq!(code, 200);
 }
