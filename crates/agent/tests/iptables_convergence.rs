@@ -156,7 +156,7 @@ fn slice(i: u64, proto: &str, r: &mut Rng) -> Value {
             let e = r.below(12);
             json!({"addresses": [format!("10.244.{}.{}", e / 200, e % 200 + 2)],
                 "conditions": {"ready": r.below(6) != 0, "serving": true, "terminating": r.below(8) == 0},
-                "nodeName": if e % 2 == 0 { "node1" } else { "node2" }})
+                "nodeName": if e.is_multiple_of(2) { "node1" } else { "node2" }})
         })
         .collect();
     json!({"metadata": {"namespace": "ns", "name": format!("s{i}-1"),
