@@ -27,6 +27,12 @@ struct Args {
     /// Endpoint changes in the burst (M4), one per service.
     #[arg(long, default_value_t = 1000)]
     burst: usize,
+    /// Churn soak (M9): seconds of endpoint changes at --soak-rate per second, one service
+    /// after another, while the probe service is connected to every ~5 ms. 0: skip.
+    #[arg(long, default_value_t = 0)]
+    soak: u64,
+    #[arg(long, default_value_t = 20)]
+    soak_rate: u64,
     /// Proxy mode: iptables or nftables.
     #[arg(long, default_value = "iptables")]
     mode: String,
@@ -297,6 +303,91 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs_f64(idle_secs));
     let idle_cpu = proc_cpu_seconds(lab.proxy(1).and_then(|p| p.child.id())) - c0;
 
+    // M9: churn soak.
+    let soak = if args.soak > 0 {
+        let pid = lab.proxy(1).and_then(|p| p.child.id());
+        let rss_start = proc_status_kib(pid, "VmRSS:");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let prober = {
+            let stop = stop.clone();
+            let node = node.clone();
+            std::thread::spawn(move || {
+                in_netns(&node, || {
+                    let (mut ok, mut failed) = (0u64, 0u64);
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        match std::net::TcpStream::connect_timeout(
+                            &probe_addr,
+                            Duration::from_secs(1),
+                        ) {
+                            Ok(_) => ok += 1,
+                            Err(_) => failed += 1,
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    (ok, failed)
+                })
+            })
+        };
+        let syncs_before = sync_times_ms(&lab.proxy_log(1)).len();
+        let total = (args.soak * args.soak_rate) as usize;
+        let period = Duration::from_secs_f64(1.0 / args.soak_rate as f64);
+        let t_soak = Instant::now();
+        let mut written: Vec<Instant> = Vec::with_capacity(total);
+        let mut done_at: Vec<Option<Instant>> = vec![None; total];
+        let mut rss_peak = rss_start;
+        let mut covered_seen = 0usize;
+        let mut next = Instant::now();
+        let mut k = 0usize;
+        while k < total || covered_seen < total {
+            let now = Instant::now();
+            if k < total && now >= next {
+                // One service after another, a new endpoint set each time.
+                emu.apply(slice(
+                    k % args.services,
+                    args.endpoints,
+                    5 + k / args.services,
+                ))?;
+                written.push(Instant::now());
+                k += 1;
+                next += period;
+            }
+            let covered: usize = log_field_ms(&lab.proxy_log(1), "changed_services=")
+                .iter()
+                .skip(syncs_before)
+                .map(|(_, n)| *n as usize)
+                .sum();
+            for slot in done_at.iter_mut().take(covered.min(k)).skip(covered_seen) {
+                *slot = Some(Instant::now());
+            }
+            covered_seen = covered_seen.max(covered.min(k));
+            rss_peak = rss_peak.max(proc_status_kib(pid, "VmRSS:"));
+            if t_soak.elapsed() > Duration::from_secs(args.soak + 120) {
+                bail!("soak: changes not applied 120 s after the last write");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (ok, failed) = prober
+            .join()
+            .map_err(|_| anyhow::anyhow!("prober panicked"))??;
+        let lat: Vec<f64> = written
+            .iter()
+            .zip(&done_at)
+            .filter_map(|(w, d)| Some(d.as_ref()?.duration_since(*w).as_secs_f64() * 1000.0))
+            .collect();
+        Some((
+            rss_start,
+            proc_status_kib(pid, "VmRSS:"),
+            rss_peak,
+            stats(&lat),
+            ok,
+            failed,
+            total,
+        ))
+    } else {
+        None
+    };
+
     let partial: Vec<f64> = sync_times_ms(&m3_log)
         .into_iter()
         .take(m3_count)
@@ -480,6 +571,22 @@ fn main() -> anyhow::Result<()> {
         "| M8 idle CPU ({idle_secs:.0} s, no changes) | {:.2}% of one core | | | |",
         idle_cpu / idle_secs * 100.0
     );
+    if let Some((start, end, peak, (l50, l99, lmin, lmax), ok, failed, total)) = soak {
+        println!(
+            "| M9 soak: {total} changes at {}/s, write -> committed | {l50:.1} ms | {l99:.1} | {lmin:.1} | {lmax:.1} |",
+            args.soak_rate
+        );
+        println!(
+            "| M9 soak RSS start / end / peak | {:.1} / {:.1} / {:.1} MiB | | | |",
+            start / 1024.0,
+            end / 1024.0,
+            peak / 1024.0
+        );
+        println!(
+            "| M9 soak probes to an unchanged service: failed / total | {failed} / {} | | | |",
+            ok + failed
+        );
+    }
     println!(
         "| M2 warm restart: SIGTERM -> new proxy's first sync committed | {:.0} ms | | | |",
         warm.as_secs_f64() * 1000.0
