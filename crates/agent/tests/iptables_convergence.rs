@@ -3,6 +3,8 @@
 //! proxier's full sync of the final state in another. Every transaction must also be
 //! accepted by the kernel (a renderer "fuzz" over random Services and endpoints).
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -13,19 +15,6 @@ use kp_dataplane::{
 use kp_iptables::{IptablesConfig, IptablesProxier};
 use kp_model::{ChangeTracker, IpFamily};
 use serde_json::{Value, json};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct Ns(String);
 impl Ns {
@@ -118,10 +107,10 @@ fn cfg() -> IptablesConfig {
     }
 }
 
-fn service(i: u64, r: &mut Rng) -> Value {
-    let proto = ["TCP", "UDP", "SCTP"][r.below(3) as usize];
+fn service(i: u64, r: &mut StdRng) -> Value {
+    let proto = ["TCP", "UDP", "SCTP"][r.gen_range(0..3) as usize];
     let mut spec = json!({"clusterIP": format!("10.96.0.{}", i + 1), "ports": [{"name": "p", "port": 80, "protocol": proto}]});
-    let kind = r.below(4);
+    let kind = r.gen_range(0..4);
     if kind >= 1 {
         spec["type"] = json!("NodePort");
         spec["ports"][0]["nodePort"] = json!(30000 + i);
@@ -133,13 +122,13 @@ fn service(i: u64, r: &mut Rng) -> Value {
         spec["type"] = json!("LoadBalancer");
         spec["loadBalancerSourceRanges"] = json!(["198.18.0.0/15"]);
     }
-    if kind >= 1 && r.below(4) == 0 {
+    if kind >= 1 && r.gen_range(0..4) == 0 {
         spec["externalTrafficPolicy"] = json!("Local");
     }
-    if r.below(5) == 0 {
+    if r.gen_range(0..5) == 0 {
         spec["internalTrafficPolicy"] = json!("Local");
     }
-    if r.below(6) == 0 {
+    if r.gen_range(0..6) == 0 {
         spec["sessionAffinity"] = json!("ClientIP");
     }
     let mut o = json!({"metadata": {"namespace": "ns", "name": format!("s{i}")}, "spec": spec});
@@ -150,12 +139,12 @@ fn service(i: u64, r: &mut Rng) -> Value {
     o
 }
 
-fn slice(i: u64, proto: &str, r: &mut Rng) -> Value {
-    let eps: Vec<Value> = (0..r.below(5))
+fn slice(i: u64, proto: &str, r: &mut StdRng) -> Value {
+    let eps: Vec<Value> = (0..r.gen_range(0..5))
         .map(|_| {
-            let e = r.below(12);
+            let e: u64 = r.gen_range(0..12);
             json!({"addresses": [format!("10.244.{}.{}", e / 200, e % 200 + 2)],
-                "conditions": {"ready": r.below(6) != 0, "serving": true, "terminating": r.below(8) == 0},
+                "conditions": {"ready": r.gen_range(0..6) != 0, "serving": true, "terminating": r.gen_range(0..8) == 0},
                 "nodeName": if e.is_multiple_of(2) { "node1" } else { "node2" }})
         })
         .collect();
@@ -165,7 +154,7 @@ fn slice(i: u64, proto: &str, r: &mut Rng) -> Value {
 }
 
 fn run(seed: u64) {
-    let mut r = Rng(seed);
+    let mut r = StdRng::seed_from_u64(seed);
     let a = Ns::new("a");
     let b = Ns::new("b");
     let mut proxier = IptablesProxier::new(a.runner(), cfg());
@@ -174,8 +163,8 @@ fn run(seed: u64) {
     node.topology.node_name = "node1".into();
     let mut protos: Vec<Option<String>> = vec![None; 16];
     for step in 0..40 {
-        let i = r.below(protos.len() as u64);
-        match (r.below(4), protos[i as usize].clone()) {
+        let i = r.gen_range(0..protos.len() as u64);
+        match (r.gen_range(0..4), protos[i as usize].clone()) {
             (0, Some(_)) => {
                 tracker.delete_service("ns", &format!("s{i}"));
                 tracker.delete_slice("ns", &format!("s{i}-1"));

@@ -5,22 +5,9 @@
 mod common;
 
 use common::TempConfig;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a>(&mut self, v: &[&'a str]) -> &'a str {
-        v[self.below(v.len())]
-    }
-}
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 
 const FLAGS: &[&str] = &[
     "--proxy-mode",
@@ -102,19 +89,19 @@ fn assert_one_line(e: &impl std::fmt::Display, input: &str) {
 
 #[test]
 fn random_command_lines_never_panic_and_errors_are_one_line() {
-    let mut r = Rng(0x5eed);
+    let mut r = StdRng::seed_from_u64(0x5eed);
     let long = "x".repeat(70_000);
     let (mut ok, mut err) = (0, 0);
     for _ in 0..3000 {
         let mut argv: Vec<String> = Vec::new();
-        for _ in 0..1 + r.below(6) {
-            let flag = r.pick(FLAGS);
-            let value = if r.below(20) == 0 {
+        for _ in 0..1 + r.gen_range(0..6) {
+            let flag = *FLAGS.choose(&mut r).expect("non-empty");
+            let value = if r.gen_range(0..20) == 0 {
                 long.as_str()
             } else {
-                r.pick(VALUES)
+                *VALUES.choose(&mut r).expect("non-empty")
             };
-            match r.below(3) {
+            match r.gen_range(0..3) {
                 0 => argv.push(format!("{flag}={value}")),
                 1 => {
                     argv.push(flag.to_string());
@@ -138,18 +125,18 @@ fn random_command_lines_never_panic_and_errors_are_one_line() {
 
 #[test]
 fn mutated_config_files_never_panic_and_errors_are_one_line() {
-    let mut r = Rng(0xf11e);
+    let mut r = StdRng::seed_from_u64(0xf11e);
     let valid = kp_config::to_yaml(&kp_config::default_config());
     let (mut ok, mut err) = (0, 0);
     let lines: Vec<&str> = valid.lines().collect();
     for i in 0..600 {
         let mut doc: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-        for _ in 0..1 + r.below(4) {
+        for _ in 0..1 + r.gen_range(0..4) {
             if doc.is_empty() {
                 break;
             }
-            let at = r.below(doc.len());
-            match r.below(7) {
+            let at = r.gen_range(0..doc.len());
+            match r.gen_range(0..7) {
                 0 => {
                     doc.remove(at);
                 }
@@ -160,14 +147,21 @@ fn mutated_config_files_never_panic_and_errors_are_one_line() {
                 2 => {
                     // Replace the value of a `key: value` line.
                     if let Some((k, _)) = doc[at].clone().split_once(':') {
-                        doc[at] = format!("{k}: {}", r.pick(VALUES));
+                        doc[at] = format!("{k}: {}", *VALUES.choose(&mut r).expect("non-empty"));
                     }
                 }
                 3 => doc[at] = format!("  {}", doc[at]),
-                4 => doc.insert(at, format!("{}: {}", r.pick(VALUES), r.pick(VALUES))),
+                4 => doc.insert(
+                    at,
+                    format!(
+                        "{}: {}",
+                        *VALUES.choose(&mut r).expect("non-empty"),
+                        *VALUES.choose(&mut r).expect("non-empty")
+                    ),
+                ),
                 5 => doc.truncate(at.max(1)),
                 _ => {
-                    let b = r.below(256) as u8;
+                    let b = r.gen_range(0..256) as u8;
                     doc[at].push(char::from(b));
                 }
             }

@@ -6,20 +6,9 @@
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kp_model::{ChangeTracker, IpFamily, categorize_endpoints};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn service(i: usize) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
@@ -47,8 +36,8 @@ fn slice(i: usize) -> Value {
         "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}, {"name": "q", "port": 53, "protocol": "UDP"}]})
 }
 
-fn odd_value(r: &mut Rng) -> Value {
-    match r.below(14) {
+fn odd_value(r: &mut StdRng) -> Value {
+    match r.gen_range(0..14) {
         0 => Value::Null,
         1 => json!(-1),
         2 => json!(70000),
@@ -67,17 +56,21 @@ fn odd_value(r: &mut Rng) -> Value {
 }
 
 /// Replaces one random node of `v` (a leaf, an array or an object) with an odd value.
-fn mutate(v: &mut Value, r: &mut Rng) {
-    let go_deeper = r.below(3) != 0;
+fn mutate(v: &mut Value, r: &mut StdRng) {
+    let go_deeper = r.gen_range(0..3) != 0;
     match v {
         Value::Object(m) if !m.is_empty() && go_deeper => {
-            let k = m.keys().nth(r.below(m.len())).cloned().unwrap_or_default();
+            let k = m
+                .keys()
+                .nth(r.gen_range(0..m.len()))
+                .cloned()
+                .unwrap_or_default();
             if let Some(child) = m.get_mut(&k) {
                 mutate(child, r);
             }
         }
         Value::Array(a) if !a.is_empty() && go_deeper => {
-            let i = r.below(a.len());
+            let i = r.gen_range(0..a.len());
             mutate(&mut a[i], r);
         }
         _ => *v = odd_value(r),
@@ -86,14 +79,14 @@ fn mutate(v: &mut Value, r: &mut Rng) {
 
 #[test]
 fn mutated_objects_never_panic_the_decoder_or_the_tracker() {
-    let mut r = Rng(0xdec0de);
+    let mut r = StdRng::seed_from_u64(0xdec0de);
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     let (mut decoded, mut accepted, mut rejected) = (0, 0, 0);
     for i in 0..4000 {
         let mut svc = service(i % 40);
         let mut sl = slice(i % 40);
-        for _ in 0..1 + r.below(3) {
-            if r.below(2) == 0 {
+        for _ in 0..1 + r.gen_range(0..3) {
+            if r.gen_range(0..2) == 0 {
                 mutate(&mut svc, &mut r);
             } else {
                 mutate(&mut sl, &mut r);
@@ -142,13 +135,13 @@ fn mutated_objects_never_panic_the_decoder_or_the_tracker() {
 
 #[test]
 fn random_bytes_in_the_json_never_panic_the_decoder() {
-    let mut r = Rng(0xb17e);
+    let mut r = StdRng::seed_from_u64(0xb17e);
     let texts = [service(1).to_string(), slice(1).to_string()];
     for i in 0..4000 {
         let mut b = texts[i % 2].clone().into_bytes();
-        for _ in 0..1 + r.below(4) {
-            let at = r.below(b.len());
-            b[at] = r.below(256) as u8;
+        for _ in 0..1 + r.gen_range(0..4) {
+            let at = r.gen_range(0..b.len());
+            b[at] = r.gen_range(0..256) as u8;
         }
         if let Ok(s) = std::str::from_utf8(&b) {
             let _ = serde_json::from_str::<Service>(s);

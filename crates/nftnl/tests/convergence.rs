@@ -5,6 +5,8 @@
 
 mod common;
 use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use kp_dataplane::{
     Dataplane, LocalDetector, NodeInfo, NodePortAddresses, RecordingRunner, SyncInput,
@@ -15,18 +17,6 @@ use kp_nftnl::NetlinkApplier;
 use serde_json::{Value, json};
 
 /// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone)]
 struct Svc {
@@ -84,18 +74,18 @@ fn slice(i: u32, s: &Svc) -> Value {
         "endpoints": endpoints, "ports": [{"name": "p", "port": 8080, "protocol": s.proto}]})
 }
 
-fn random_svc(r: &mut Rng) -> Svc {
+fn random_svc(r: &mut StdRng) -> Svc {
     // Endpoint IPs from a small pool, so services share pods (shared hairpin elements).
-    let n = r.below(5);
-    let mut eps: Vec<u32> = (0..n).map(|_| r.below(12) as u32).collect();
+    let n = r.gen_range(0..5);
+    let mut eps: Vec<u32> = (0..n).map(|_| r.gen_range(0..12) as u32).collect();
     eps.sort();
     eps.dedup();
     Svc {
-        kind: r.below(4),
-        proto: ["TCP", "UDP", "SCTP"][r.below(3) as usize],
-        etp_local: r.below(4) == 0,
-        itp_local: r.below(5) == 0,
-        affinity: r.below(6) == 0,
+        kind: r.gen_range(0..4),
+        proto: ["TCP", "UDP", "SCTP"][r.gen_range(0..3) as usize],
+        etp_local: r.gen_range(0..4) == 0,
+        itp_local: r.gen_range(0..5) == 0,
+        affinity: r.gen_range(0..6) == 0,
         eps,
     }
 }
@@ -143,7 +133,7 @@ fn canonical(listing: &str) -> Vec<String> {
 }
 
 fn run(seed: u64) {
-    let mut r = Rng(seed);
+    let mut r = StdRng::seed_from_u64(seed);
     let a = Ns::new("conv-a");
     let b = Ns::new("conv-b");
     let runner = RecordingRunner::default();
@@ -154,8 +144,8 @@ fn run(seed: u64) {
     let mut svcs: Vec<Option<Svc>> = vec![None; 24];
     let applier_a = |text: &str| a.run(|| NetlinkApplier::open().unwrap().apply(text).map(|_| ()));
     for step in 0..60 {
-        let i = r.below(svcs.len() as u64) as usize;
-        match (r.below(5), svcs[i].clone()) {
+        let i = r.gen_range(0..svcs.len() as u64) as usize;
+        match (r.gen_range(0..5), svcs[i].clone()) {
             (0, Some(_)) => {
                 tracker.delete_service("ns", &format!("s{i}"));
                 tracker.delete_slice("ns", &format!("s{i}-1"));
