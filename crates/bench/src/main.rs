@@ -85,6 +85,42 @@ fn log_field_ms(log: &str, field: &str) -> Vec<(bool, f64)> {
         .collect()
 }
 
+/// New TCP connections from a namespace to one address, every `interval`, until finished.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(u64, u64), kp_testkit::netns::NetnsError>>,
+}
+
+impl Prober {
+    fn start(ns: &str, addr: std::net::SocketAddr, interval: Duration) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, ns) = (stop.clone(), ns.to_string());
+        let thread = std::thread::spawn(move || {
+            in_netns(&ns, || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                    std::thread::sleep(interval);
+                }
+                (ok, failed)
+            })
+        });
+        Prober { stop, thread }
+    }
+
+    /// (succeeded, failed)
+    fn finish(self) -> anyhow::Result<(u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("prober panicked"))??)
+    }
+}
+
 /// utime + stime of a process, in seconds.
 fn proc_cpu_seconds(pid: Option<u32>) -> f64 {
     let tick = 100.0; // USER_HZ on Linux
@@ -307,27 +343,7 @@ fn main() -> anyhow::Result<()> {
     let soak = if args.soak > 0 {
         let pid = lab.proxy(1).and_then(|p| p.child.id());
         let rss_start = proc_status_kib(pid, "VmRSS:");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let prober = {
-            let stop = stop.clone();
-            let node = node.clone();
-            std::thread::spawn(move || {
-                in_netns(&node, || {
-                    let (mut ok, mut failed) = (0u64, 0u64);
-                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        match std::net::TcpStream::connect_timeout(
-                            &probe_addr,
-                            Duration::from_secs(1),
-                        ) {
-                            Ok(_) => ok += 1,
-                            Err(_) => failed += 1,
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    (ok, failed)
-                })
-            })
-        };
+        let prober = Prober::start(&node, probe_addr, Duration::from_millis(5));
         let syncs_before = sync_times_ms(&lab.proxy_log(1)).len();
         let total = (args.soak * args.soak_rate) as usize;
         let period = Duration::from_secs_f64(1.0 / args.soak_rate as f64);
@@ -366,10 +382,7 @@ fn main() -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let (ok, failed) = prober
-            .join()
-            .map_err(|_| anyhow::anyhow!("prober panicked"))??;
+        let (ok, failed) = prober.finish()?;
         let lat: Vec<f64> = written
             .iter()
             .zip(&done_at)
@@ -418,25 +431,7 @@ fn main() -> anyhow::Result<()> {
 
     // M2: warm restart (SIGTERM, start again) with the rules in the kernel, while a prober
     // connects to the probe service every ~2 ms.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let stop = stop.clone();
-        let node = node.clone();
-        std::thread::spawn(move || {
-            in_netns(&node, || {
-                let (mut ok, mut failed) = (0u64, 0u64);
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    match std::net::TcpStream::connect_timeout(&probe_addr, Duration::from_secs(1))
-                    {
-                        Ok(_) => ok += 1,
-                        Err(_) => failed += 1,
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                (ok, failed)
-            })
-        })
-    };
+    let prober = Prober::start(&node, probe_addr, Duration::from_millis(2));
     std::thread::sleep(Duration::from_millis(200));
     let syncs_before_restart = sync_times_ms(&lab.proxy_log(1)).len();
     let t_restart = Instant::now();
@@ -450,10 +445,7 @@ fn main() -> anyhow::Result<()> {
     }
     let warm = t_restart.elapsed();
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (probe_ok, probe_failed) = prober
-        .join()
-        .map_err(|_| anyhow::anyhow!("prober panicked"))??;
+    let (probe_ok, probe_failed) = prober.finish()?;
 
     // Kernel floor: load the final ruleset alone into a fresh namespace.
     lab.stop_proxy(1, false);
