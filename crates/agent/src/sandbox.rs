@@ -104,12 +104,24 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
     let ready_in = t0.elapsed();
 
     let nat = lab.iptables_save(1, "nat")?;
-    println!("\n== rules programmed in node1 (nat table, service paths) ==");
-    print_paths(&nat);
+    if nat.contains("-A KUBE-SERVICES") {
+        println!("\n== rules programmed in node1 (nat table, service paths) ==");
+        print_paths(&nat);
+    } else {
+        let table = lab
+            .topology()
+            .exec_ok(
+                &lab.node_ns(1),
+                &["nft", "list", "table", "ip", "kube-proxy"],
+            )
+            .unwrap_or_default();
+        println!("\n== rules programmed in node1 (table ip kube-proxy, service paths) ==");
+        print_nft_paths(&table);
+    }
     if let Some(line) = lab
         .proxy_log(1)
         .lines()
-        .find(|l| l.contains("synced proxy rules"))
+        .find(|l| l.contains("synced proxy rules") && l.contains("family=IPv4"))
     {
         println!("\nfirst sync: {}", summarize_sync_line(line));
     }
@@ -239,6 +251,44 @@ fn print_paths(nat: &str) {
                 println!("{line}");
                 print_chain(&chains, target, 1);
             }
+        }
+    }
+}
+
+/// The parts of the nftables table a packet to a service goes through: the entry maps,
+/// the chains they jump to, and the endpoint maps (empty maps are left out).
+fn print_nft_paths(table: &str) {
+    let mut block = String::new();
+    let mut keep = false;
+    for line in table.lines() {
+        let header = line.strip_prefix('\t').filter(|l| !l.starts_with('\t'));
+        if let Some(h) = header.filter(|h| *h != "}") {
+            let name = h.split_whitespace().nth(1).unwrap_or_default();
+            keep = (h.starts_with("map ")
+                && (name.starts_with("service-")
+                    || name.contains("-endpoints-")
+                    || name == "firewall-ips"))
+                || (h.starts_with("chain ")
+                    && [
+                        "pick-",
+                        "service-",
+                        "external-",
+                        "local-",
+                        "endpoint-",
+                        "firewall-",
+                    ]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+                    && !name.ends_with("-check"));
+            block.clear();
+        }
+        block.push_str(line);
+        block.push('\n');
+        if line == "\t}" {
+            if keep && (block.contains("elements") || block.starts_with("\tchain")) {
+                print!("{block}");
+            }
+            keep = false;
         }
     }
 }
