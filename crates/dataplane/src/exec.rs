@@ -119,6 +119,22 @@ impl RecordingRunner {
             c.clear();
         }
     }
+
+    /// The stdin of every recorded `program args…` call, in order (one per transaction).
+    pub fn inputs(&self, program: &str, args: &[&str]) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.program == program && c.args == args)
+            .filter_map(|c| c.stdin)
+            .collect()
+    }
+
+    /// [`RecordingRunner::inputs`] joined, then forgets every call.
+    pub fn take_input(&self, program: &str, args: &[&str]) -> String {
+        let text = self.inputs(program, args).concat();
+        self.clear();
+        text
+    }
 }
 
 impl CommandRunner for RecordingRunner {

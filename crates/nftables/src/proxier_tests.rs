@@ -41,12 +41,7 @@ fn slice(svc: &str, ips: &[&str]) -> serde_json::Value {
 }
 
 fn nft_input(runner: &RecordingRunner) -> String {
-    runner
-        .calls()
-        .iter()
-        .filter(|c| c.program == "nft" && c.args == ["-f", "-"])
-        .filter_map(|c| c.stdin.clone())
-        .collect()
+    runner.inputs("nft", &["-f", "-"]).concat()
 }
 
 #[test]
@@ -376,12 +371,7 @@ fn full_sync_calls(table_present: bool) -> Vec<String> {
         force_full: false,
     })
     .unwrap();
-    runner
-        .calls()
-        .iter()
-        .filter(|c| c.args == ["-f", "-"])
-        .filter_map(|c| c.stdin.clone())
-        .collect()
+    runner.inputs("nft", &["-f", "-"])
 }
 
 #[test]

@@ -70,13 +70,7 @@ fn texts(n: u32) -> (String, String, String) {
             force_full: false,
         })
         .unwrap();
-        let s: String = runner
-            .calls()
-            .iter()
-            .filter_map(|c| c.stdin.clone())
-            .collect();
-        runner.clear();
-        s
+        runner.take_input("nft", &["-f", "-"])
     };
     let full = sync(&mut t);
     // One endpoint of one service is replaced, then put back.

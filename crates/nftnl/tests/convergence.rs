@@ -102,14 +102,7 @@ fn cfg() -> NftConfig {
 }
 
 fn take_text(r: &RecordingRunner) -> String {
-    let t: String = r
-        .calls()
-        .iter()
-        .filter(|c| c.program == "nft" && c.args == ["-f", "-"])
-        .filter_map(|c| c.stdin.clone())
-        .collect();
-    r.clear();
-    t
+    r.take_input("nft", &["-f", "-"])
 }
 
 /// The listing with its top-level blocks (chains, sets, maps) sorted: creation order

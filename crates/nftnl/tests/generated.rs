@@ -98,14 +98,7 @@ fn apply(t: &mut ChangeTracker, o: &Value) {
 }
 
 fn nft_text(r: &RecordingRunner) -> String {
-    let t: String = r
-        .calls()
-        .iter()
-        .filter(|c| c.program == "nft" && c.args == ["-f", "-"])
-        .filter_map(|c| c.stdin.clone())
-        .collect();
-    r.clear();
-    t
+    r.take_input("nft", &["-f", "-"])
 }
 
 fn cfg(f: &Fam, detector: LocalDetector, all_nodeports: bool) -> NftConfig {
