@@ -122,7 +122,7 @@ pub fn run_sync_loop(
     let mut force_full = true;
     let mut first = true;
     // The sync thread's own copy of the tracker's state, kept by changed services.
-    let mut state = kp_model::ProxyState::default();
+    let mut state = SyncState::default();
     let mut last_end: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut failures = 0u32;
@@ -201,10 +201,18 @@ fn sleep_until(shared: &Shared, deadline: Instant) {
 }
 
 /// One sync; returns success.
+/// The sync thread's own copy of the tracker's state, and its endpoint count, both kept
+/// by changed services.
+#[derive(Default)]
+struct SyncState {
+    state: kp_model::ProxyState,
+    endpoints: isize,
+}
+
 fn sync_once(
     shared: &Shared,
     dataplane: &mut dyn Dataplane,
-    state: &mut kp_model::ProxyState,
+    own: &mut SyncState,
     force_full: bool,
 ) -> bool {
     let changes = {
@@ -212,10 +220,10 @@ fn sync_once(
             return false;
         };
         let changes = t.drain();
-        state.copy_services_from(t.state(), &changes.services);
+        own.endpoints += own.state.copy_services_from(t.state(), &changes.services);
         changes
     };
-    let state = &*state;
+    let state = &own.state;
     shared.metrics.set_endpoint_changes_pending(0);
     shared.metrics.set_service_changes_pending(0);
     let mut node = shared.node.lock().map(|n| n.clone()).unwrap_or_default();
@@ -288,7 +296,7 @@ fn sync_once(
                 family = %shared.model_family.k8s_name(),
                 full = report.full,
                 services = state.services.len(),
-                endpoints = state.endpoint_count(),
+                endpoints = own.endpoints,
                 changed_services = changes.services.len(),
                 nat_rules = report.rules_total.get("nat").copied().unwrap_or(0),
                 rules_written = report.rules_written.values().sum::<usize>(),

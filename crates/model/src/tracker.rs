@@ -43,11 +43,14 @@ impl ProxyState {
 
     /// Makes this state's entries for `services` equal to `source`'s: O(changed service
     /// ports), so a sync loop can keep its own copy without cloning the whole state.
+    /// Returns how many endpoints this state gained (negative: lost), so a caller can keep
+    /// [`ProxyState::endpoint_count`] without recounting.
     pub fn copy_services_from<'a>(
         &mut self,
         source: &ProxyState,
         services: impl IntoIterator<Item = &'a NamespacedName>,
-    ) {
+    ) -> isize {
+        let mut delta = 0isize;
         for svc in services {
             let lo = ServicePortName {
                 service: svc.clone(),
@@ -71,7 +74,9 @@ impl ProxyState {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in old {
-                self.endpoints.remove(&k);
+                if let Some(v) = self.endpoints.remove(&k) {
+                    delta -= v.len() as isize;
+                }
             }
             for (k, v) in source
                 .services
@@ -81,9 +86,11 @@ impl ProxyState {
                 self.services.insert(k.clone(), v.clone());
             }
             for (k, v) in source.endpoints.range(lo..).take_while(|(k, _)| in_svc(k)) {
+                delta += v.len() as isize;
                 self.endpoints.insert(k.clone(), v.clone());
             }
         }
+        delta
     }
 }
 

@@ -281,8 +281,9 @@ fn a_copy_kept_by_changed_services_equals_the_state() {
         .unwrap();
     t.update_slice(&eps("s1", "10.244.0.1"), &mut w).unwrap();
     let changes = t.drain();
-    copy.copy_services_from(t.state(), &changes.services);
+    let mut count = copy.copy_services_from(t.state(), &changes.services);
     same(&copy, t.state());
+    assert_eq!(count, t.state().endpoint_count() as isize);
     // A port goes, a service goes, endpoints move, a service arrives.
     t.update_service(&svc("s1", "10.96.0.1", &[("a", 80)]), &mut w)
         .unwrap();
@@ -292,6 +293,7 @@ fn a_copy_kept_by_changed_services_equals_the_state() {
         .unwrap();
     let changes = t.drain();
     assert_eq!(changes.services.len(), 3);
-    copy.copy_services_from(t.state(), &changes.services);
+    count += copy.copy_services_from(t.state(), &changes.services);
     same(&copy, t.state());
+    assert_eq!(count, t.state().endpoint_count() as isize);
 }

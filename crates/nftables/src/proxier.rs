@@ -2,7 +2,7 @@
 //! difference on partial syncs (never listing the table), and replaces the whole table in
 //! one atomic transaction on full syncs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
 use kp_model::{
@@ -25,6 +25,10 @@ pub struct NftProxier<R: CommandRunner> {
     picker_refs: HashMap<Picker, u32>,
     /// Statements per transaction when a sync is split.
     transaction_statements: usize,
+    /// Sums of every service's report share (health_check unused here), and the services
+    /// needing a healthCheckNodePort: kept as services come and go, not recounted.
+    totals: ServiceReport,
+    health_checks: BTreeMap<NamespacedName, (u16, usize)>,
     /// Which service owns each NodePort (first claimant wins; clashes are warned about).
     node_ports: HashMap<(Protocol, u16), NamespacedName>,
     /// Sends transactions over nfnetlink; `nft -f` reads the whole table into its cache
@@ -77,6 +81,8 @@ impl<R: CommandRunner> NftProxier<R> {
             hairpin_refs: HashMap::new(),
             picker_refs: HashMap::new(),
             transaction_statements: TRANSACTION_STATEMENTS,
+            totals: ServiceReport::default(),
+            health_checks: BTreeMap::new(),
             node_ports: HashMap::new(),
             netlink: None,
             last_apply: std::time::Duration::ZERO,
@@ -575,14 +581,60 @@ impl<R: CommandRunner> NftProxier<R> {
             ..Default::default()
         };
         r.rules_written.insert("nft-ops", ops);
-        for (svc, o) in &self.current {
-            r.no_local_endpoints_internal += o.report.no_local_endpoints_internal;
-            r.no_local_endpoints_external += o.report.no_local_endpoints_external;
-            if let Some(hc) = o.report.health_check {
-                r.health_checks.insert(svc.clone(), hc);
+        r.no_local_endpoints_internal = self.totals.no_local_endpoints_internal;
+        r.no_local_endpoints_external = self.totals.no_local_endpoints_external;
+        r.health_checks = self.health_checks.clone();
+        r
+    }
+
+    /// Drops what the kernel holds for `svc` from memory, with its shares of the shared
+    /// elements, pickers and report totals.
+    fn forget(&mut self, svc: &NamespacedName) {
+        let Some(old) = self.current.remove(svc) else {
+            return;
+        };
+        for k in &old.hairpin {
+            if let Some(n) = self.hairpin_refs.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.hairpin_refs.remove(k);
+                }
             }
         }
-        r
+        for p in &old.pickers {
+            if let Some(n) = self.picker_refs.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.picker_refs.remove(p);
+                }
+            }
+        }
+        self.totals.no_local_endpoints_internal -= old.report.no_local_endpoints_internal;
+        self.totals.no_local_endpoints_external -= old.report.no_local_endpoints_external;
+        self.health_checks.remove(svc);
+    }
+
+    fn remember(&mut self, svc: NamespacedName, o: ServiceObjects) {
+        for k in &o.hairpin {
+            *self.hairpin_refs.entry(*k).or_default() += 1;
+        }
+        for p in &o.pickers {
+            *self.picker_refs.entry(*p).or_default() += 1;
+        }
+        self.totals.no_local_endpoints_internal += o.report.no_local_endpoints_internal;
+        self.totals.no_local_endpoints_external += o.report.no_local_endpoints_external;
+        if let Some(hc) = o.report.health_check {
+            self.health_checks.insert(svc.clone(), hc);
+        }
+        self.current.insert(svc, o);
+    }
+
+    fn forget_all(&mut self) {
+        self.current.clear();
+        self.hairpin_refs.clear();
+        self.picker_refs.clear();
+        self.totals = ServiceReport::default();
+        self.health_checks.clear();
     }
 }
 
@@ -603,17 +655,10 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
             let cold = self.current.is_empty() && !self.table_present();
             let (tx, all) = self.full_tx(input, &mut warnings, cold);
             self.apply(&tx.text)?;
-            self.hairpin_refs.clear();
-            self.picker_refs.clear();
-            for o in all.values() {
-                for k in &o.hairpin {
-                    *self.hairpin_refs.entry(*k).or_default() += 1;
-                }
-                for p in &o.pickers {
-                    *self.picker_refs.entry(*p).or_default() += 1;
-                }
+            self.forget_all();
+            for (svc, o) in all {
+                self.remember(svc, o);
             }
-            self.current = all;
             self.needs_full = false;
             return Ok(self.report(true, tx.text.len(), tx.ops, warnings));
         }
@@ -624,34 +669,9 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
             self.last_apply = std::time::Duration::ZERO;
         }
         for (svc, o) in updates {
-            if let Some(old) = self.current.get(&svc) {
-                for k in &old.hairpin {
-                    if let Some(n) = self.hairpin_refs.get_mut(k) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.hairpin_refs.remove(k);
-                        }
-                    }
-                }
-                for p in &old.pickers {
-                    if let Some(n) = self.picker_refs.get_mut(p) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.picker_refs.remove(p);
-                        }
-                    }
-                }
-            }
-            for k in &o.hairpin {
-                *self.hairpin_refs.entry(*k).or_default() += 1;
-            }
-            for p in &o.pickers {
-                *self.picker_refs.entry(*p).or_default() += 1;
-            }
-            if o.chains.is_empty() && o.elements.is_empty() {
-                self.current.remove(&svc);
-            } else {
-                self.current.insert(svc, o);
+            self.forget(&svc);
+            if !(o.chains.is_empty() && o.elements.is_empty()) {
+                self.remember(svc, o);
             }
         }
         self.needs_full = false;
@@ -677,9 +697,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         let f = self.cfg.nft_family();
         let text = format!("add table {f} {TABLE}\ndelete table {f} {TABLE}\n");
         self.run_nft(&text)?;
-        self.current.clear();
-        self.hairpin_refs.clear();
-        self.picker_refs.clear();
+        self.forget_all();
         self.needs_full = true;
         Ok(())
     }
