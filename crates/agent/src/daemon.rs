@@ -365,7 +365,9 @@ async fn wait_for_node(watchers: &Watchers, node_name: &str, need_pod_cidrs: boo
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "waiting for own Node object"),
+            Err(e) => {
+                tracing::warn!(error = %kp_watch::error_chain(&e), "waiting for own Node object")
+            }
         }
         if tokio::time::Instant::now() >= deadline {
             tracing::error!(

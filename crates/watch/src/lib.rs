@@ -111,7 +111,7 @@ pub async fn run_watcher<K>(
             }
             Err(e) => {
                 // Retried with backoff by the stream; state is kept as it is.
-                tracing::warn!(kind, error = %e, "watch failed; retrying, rules are kept");
+                tracing::warn!(kind, error = %error_chain(&e), "watch failed; retrying, rules are kept");
             }
         }
     }
@@ -142,4 +142,56 @@ pub fn object_name<K: Resource>(obj: &K) -> String {
         None => obj.name_any(),
     };
     raw.escape_debug().to_string()
+}
+
+/// An error with its causes (`a: b: c`): kube's errors say "client error (Connect)" and
+/// keep the reason, such as an untrusted certificate, in their sources.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        let e = Layer(
+            "client error (Connect)",
+            Some(Box::new(Layer(
+                "Connect",
+                Some(Box::new(Layer(
+                    "invalid peer certificate: UnknownIssuer",
+                    None,
+                ))),
+            ))),
+        );
+        assert_eq!(
+            error_chain(&e),
+            "client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
+    }
 }

@@ -20,7 +20,7 @@
 
 mod defaults;
 mod handlers;
-mod kubeconfig;
+pub mod kubeconfig;
 mod openapi;
 mod patch;
 mod resources;
