@@ -236,6 +236,7 @@ struct Handles {
     iptables_partial_restore_failures: Family<FamilyLabels, Counter>,
     nftables_sync_failures: Family<FamilyLabels, Counter>,
     nftables_cleanup_failures: Family<FamilyLabels, Counter>,
+    drift_repairs: Family<FamilyLabels, Counter>,
     conntrack_reconcile_duration: HistogramFamily<FamilyLabels>,
     conntrack_deleted_entries: Family<FamilyLabels, Counter>,
     healthz_responses: Family<CodeLabels, Counter>,
@@ -264,6 +265,7 @@ impl Handles {
             iptables_partial_restore_failures: Family::default(),
             nftables_sync_failures: Family::default(),
             nftables_cleanup_failures: Family::default(),
+            drift_repairs: Family::default(),
             conntrack_reconcile_duration: Family::new_with_constructor(sync_histogram),
             conntrack_deleted_entries: Family::default(),
             healthz_responses: Family::default(),
@@ -355,6 +357,13 @@ impl Handles {
                 h.sync_partial_proxy_rules_duration.clone(),
             );
         }
+        // Not upstream's: kube-proxy-rs checks every syncPeriod that its rules are still in
+        // the kernel and reprograms them when someone else removed them.
+        registry.register(
+            "sync_proxy_rules_drift_repairs",
+            "Cumulative full syncs forced because the proxy's rules were found removed or changed by someone else (kube-proxy-rs)",
+            h.drift_repairs.clone(),
+        );
         if matches!(mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
             registry.register(
                 "sync_proxy_rules_iptables_restore_failures",
@@ -465,7 +474,7 @@ impl Metrics {
             labels: FamilyLabels { ip_family },
         };
         let h = &self.inner.handles;
-        let mut counters = vec![&h.conntrack_deleted_entries];
+        let mut counters = vec![&h.conntrack_deleted_entries, &h.drift_repairs];
         match self.inner.mode {
             ProxyMode::Iptables => counters.extend([
                 &h.iptables_restore_failures,
@@ -636,6 +645,14 @@ impl ProxierMetrics {
     pub fn record_nftables_sync_failure(&self) {
         self.handles()
             .nftables_sync_failures
+            .get_or_create(&self.labels)
+            .inc();
+    }
+
+    /// Counts a full sync forced because our rules were found changed in the kernel.
+    pub fn record_drift_repair(&self) {
+        self.handles()
+            .drift_repairs
             .get_or_create(&self.labels)
             .inc();
     }

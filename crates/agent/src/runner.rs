@@ -134,7 +134,13 @@ pub fn run_sync_loop(
         let now = Instant::now();
         if now >= next_check {
             next_check = now + cfg.sync_period;
+            // After a successful sync the only reason the dataplane wants a full one is
+            // that its probe found our rules gone (the proxier logs what it found).
+            let settled = !first && !force_full && retry_at.is_none();
             if dataplane.needs_full_sync() {
+                if settled {
+                    shared.proxier_metrics.record_drift_repair();
+                }
                 force_full = true;
             }
         }

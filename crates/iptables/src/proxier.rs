@@ -1,7 +1,9 @@
 //! The thin kernel-facing part of iptables mode: jump rules, canary chains, stale-chain
 //! discovery and one `iptables-restore --noflush` per sync.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
 
 use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
 use kp_model::{IpFamily, NamespacedName};
@@ -156,6 +158,89 @@ pub struct IptablesProxier<R: CommandRunner> {
     /// Per-service nat chains believed to exist in the kernel.
     known_chains: BTreeSet<String>,
     rule_counts: HashMap<NamespacedName, usize>,
+    /// Rules we wrote per (table, chain), keyed by a hash of both: what the drift check
+    /// expects to find in the kernel.
+    written: WrittenRules,
+    /// The drift check lists whole tables: it runs at most every 100x its own cost.
+    next_drift_check: Option<Instant>,
+}
+
+/// How many rules each of our chains holds after the restores applied so far, per table,
+/// keyed by a hash of the chain name (names would cost megabytes at 10k services).
+#[derive(Debug, Default)]
+struct WrittenRules {
+    hasher: std::collections::hash_map::RandomState,
+    tables: BTreeMap<String, HashMap<u64, u32>>,
+}
+
+impl WrittenRules {
+    fn key(&self, chain: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(chain.as_bytes());
+        h.finish()
+    }
+
+    /// Applies what an `iptables-restore --noflush` input does to our chains: a declared
+    /// chain is emptied, `-A` appends, `-X` deletes.
+    fn apply(&mut self, restore_input: &str) {
+        let mut table = None;
+        for line in restore_input.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = Some(t.to_string());
+                continue;
+            }
+            let Some(t) = table.as_ref() else { continue };
+            let first_word = |rest: &str| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            if let Some(rest) = line.strip_prefix(':') {
+                let k = self.key(&first_word(rest));
+                self.tables.entry(t.clone()).or_default().insert(k, 0);
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                let k = self.key(&first_word(rest));
+                *self
+                    .tables
+                    .entry(t.clone())
+                    .or_default()
+                    .entry(k)
+                    .or_default() += 1;
+            } else if let Some(rest) = line.strip_prefix("-X ") {
+                let k = self.key(rest.trim());
+                if let Some(chains) = self.tables.get_mut(t) {
+                    chains.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// What `save` (an `iptables-save -t table` listing) lacks of what we wrote: a chain
+    /// that is gone or holds fewer rules. Rules others add are not our business.
+    fn missing(&self, table: &str, save: &str) -> Option<String> {
+        let want = self.tables.get(table)?;
+        let mut have: HashMap<u64, (u32, &str)> = HashMap::with_capacity(want.len());
+        for line in save.lines() {
+            let (chain, rule) = if let Some(rest) = line.strip_prefix(':') {
+                (rest, 0)
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                (rest, 1)
+            } else {
+                continue;
+            };
+            let chain = chain.split_whitespace().next().unwrap_or_default();
+            have.entry(self.key(chain)).or_insert((0, chain)).0 += rule;
+        }
+        let gone = want.keys().filter(|k| !have.contains_key(k)).count();
+        if gone > 0 {
+            return Some(format!("{gone} of our {table} chains are gone"));
+        }
+        want.iter().find_map(|(k, n)| {
+            let (found, chain) = have[k];
+            (found < *n).then(|| format!("{table} chain {chain} holds {found} of our {n} rules"))
+        })
+    }
 }
 
 impl<R: CommandRunner> IptablesProxier<R> {
@@ -168,6 +253,8 @@ impl<R: CommandRunner> IptablesProxier<R> {
             needs_full: true,
             known_chains: BTreeSet::new(),
             rule_counts: HashMap::new(),
+            written: WrittenRules::default(),
+            next_drift_check: None,
         }
     }
 
@@ -216,6 +303,32 @@ impl<R: CommandRunner> IptablesProxier<R> {
             self.ensure_chain(table, CANARY)?;
         }
         Ok(())
+    }
+
+    /// Compares the nat and filter tables with what we wrote (a deleted or flushed
+    /// KUBE-SVC chain, say, which the canary does not see). Listing a table costs seconds
+    /// at 10k services, so the check runs at most every 100x its last duration (<= 1% of a
+    /// core).
+    fn drift_check(&mut self) -> Option<String> {
+        let now = Instant::now();
+        if self.next_drift_check.is_some_and(|t| now < t) {
+            return None;
+        }
+        let mut found = None;
+        for table in ["nat", "filter"] {
+            match self.runner.run(&self.tools.save, &["-t", table], None) {
+                Ok(out) if out.success() => {
+                    found = self.written.missing(table, &out.stdout);
+                }
+                _ => {}
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        let cost = now.elapsed();
+        self.next_drift_check = Some(Instant::now() + (cost * 100).max(Duration::from_millis(100)));
+        found
     }
 
     /// Per-service chains present in the kernel (full syncs only: it lists the table).
@@ -310,6 +423,11 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
         let applying = std::time::Instant::now();
         self.restore(&rendered.text)?;
         let apply_time = applying.elapsed();
+        if full {
+            // A full restore declares every chain we own: start the bookkeeping afresh.
+            self.written.tables.clear();
+        }
+        self.written.apply(&rendered.text);
         self.needs_full = false;
         self.known_chains = rendered.active_nat_chains;
         self.rule_counts = rendered.service_rule_counts;
@@ -360,6 +478,11 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
                 self.needs_full = true;
                 return true;
             }
+        }
+        if let Some(what) = self.drift_check() {
+            tracing::warn!(found = %what, "our rules were changed by someone else, forcing a full sync");
+            self.needs_full = true;
+            return true;
         }
         false
     }
@@ -585,5 +708,39 @@ mod tests {
         })
         .unwrap();
         assert!(p.needs_full_sync());
+    }
+    #[test]
+    fn written_rules_follow_restores_and_find_what_others_removed() {
+        let mut w = WrittenRules::default();
+        w.apply(
+            "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-A - [0:0]\n:KUBE-SEP-A1 - [0:0]\n\
+             -A KUBE-SERVICES -d 10.0.0.1/32 -j KUBE-SVC-A\n-A KUBE-SVC-A -j KUBE-SEP-A1\n\
+             -A KUBE-SEP-A1 -p tcp -j DNAT --to-destination 10.1.0.1:80\nCOMMIT\n",
+        );
+        let kernel = ":PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-A - [0:0]\n\
+                      :KUBE-SEP-A1 - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n\
+                      -A KUBE-SERVICES -d 10.0.0.1/32 -j KUBE-SVC-A\n-A KUBE-SVC-A -j KUBE-SEP-A1\n\
+                      -A KUBE-SEP-A1 -p tcp -j DNAT --to-destination 10.1.0.1:80\n";
+        assert_eq!(w.missing("nat", kernel), None);
+        assert_eq!(w.missing("filter", ""), None, "nothing written there");
+        // Someone else's extra rule is not drift.
+        let extra = format!("{kernel}-A KUBE-SERVICES -j ACCEPT\n");
+        assert_eq!(w.missing("nat", &extra), None);
+        // A flushed chain, then a deleted one (with its jump).
+        let flushed = kernel.replace(
+            "-A KUBE-SEP-A1 -p tcp -j DNAT --to-destination 10.1.0.1:80\n",
+            "",
+        );
+        assert_eq!(
+            w.missing("nat", &flushed).as_deref(),
+            Some("nat chain KUBE-SEP-A1 holds 0 of our 1 rules")
+        );
+        let deleted = flushed
+            .replace(":KUBE-SEP-A1 - [0:0]\n", "")
+            .replace("-A KUBE-SVC-A -j KUBE-SEP-A1\n", "");
+        assert!(w.missing("nat", &deleted).unwrap().contains("gone"));
+        // A partial restore that rewrites one chain and deletes another.
+        w.apply("*nat\n:KUBE-SVC-A - [0:0]\n-X KUBE-SEP-A1\nCOMMIT\n");
+        assert_eq!(w.missing("nat", &deleted), None);
     }
 }
