@@ -3,10 +3,13 @@
 //! one atomic transaction on full syncs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
 use kp_model::{
-    IpFamily, NamespacedName, Protocol, ProxyState, ServicePortName, categorize_endpoints,
+    Endpoint, IpFamily, NamespacedName, NodeTopology, Protocol, ProxyState, ServicePort,
+    ServicePortName, categorize_endpoints,
 };
 
 use crate::names::is_safe_name;
@@ -17,8 +20,12 @@ pub struct NftProxier<R: CommandRunner> {
     runner: R,
     cfg: NftConfig,
     needs_full: bool,
-    /// What the kernel holds, per service (all its ports merged).
-    current: HashMap<NamespacedName, ServiceObjects>,
+    /// What the kernel holds, per service: the inputs it was rendered from (shared with
+    /// the sync loop's state), re-rendered when a partial sync needs the old objects.
+    current: HashMap<NamespacedName, Kept>,
+    /// The node as the last sync saw it; every [`Kept`] refers to the one it was rendered
+    /// with.
+    node: Arc<NodeView>,
     /// How many services use each `hairpin-endpoints` element.
     hairpin_refs: HashMap<std::net::IpAddr, u32>,
     /// How many services use each shared picker chain.
@@ -38,6 +45,34 @@ pub struct NftProxier<R: CommandRunner> {
     last_apply: std::time::Duration,
 }
 
+/// What a service's rendering depends on besides the config: its ports and endpoints
+/// (the state's own `Arc`s, so keeping them costs a pointer), the node, and the NodePorts
+/// it lost to another service. Rendering is pure, so these give back exactly the objects
+/// the kernel holds; keeping them instead of the rendered text is ~50x smaller.
+struct Kept {
+    ports: Box<[KeptPort]>,
+    node: Arc<NodeView>,
+    /// NodePorts whose rules were left out because another service claimed them first.
+    skipped_node_ports: Box<[(Protocol, u16)]>,
+}
+
+type KeptPort = (Arc<ServicePort>, Option<Arc<Vec<Endpoint>>>);
+
+/// The parts of the node that rendering reads.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NodeView {
+    topology: NodeTopology,
+    node_ips: Vec<IpAddr>,
+}
+
+/// One changed service of a partial sync: the objects it had and has, and what to keep.
+struct Update {
+    svc: NamespacedName,
+    old: Option<ServiceObjects>,
+    new: ServiceObjects,
+    kept: Kept,
+}
+
 /// Statements per transaction when a sync is split: about 40 ms of kernel work each
 /// (measured: ~19 us per statement at 10k services), so nf_tables' commit lock is never
 /// held long.
@@ -46,10 +81,8 @@ pub const TRANSACTION_STATEMENTS: usize = 2_000;
 /// Which program applies transactions: `KUBE_PROXY_RS_NFT_APPLIER=nft` forces `nft -f`.
 pub const APPLIER_ENV: &str = "KUBE_PROXY_RS_NFT_APPLIER";
 
-fn ports_of<'a>(
-    state: &'a ProxyState,
-    svc: &NamespacedName,
-) -> impl Iterator<Item = &'a kp_model::ServicePort> {
+/// A service's ports with their endpoints, as shared pointers into `state`.
+fn ports_of(state: &ProxyState, svc: &NamespacedName) -> Box<[KeptPort]> {
     let lo = ServicePortName {
         service: svc.clone(),
         port: String::new(),
@@ -58,8 +91,9 @@ fn ports_of<'a>(
     state
         .services
         .range(lo..)
-        .take_while(move |(k, _)| k.service == *svc)
-        .map(|(_, v)| v.as_ref())
+        .take_while(|(k, _)| k.service == *svc)
+        .map(|(k, v)| (v.clone(), state.endpoints.get(k).cloned()))
+        .collect()
 }
 
 /// `hairpin-endpoints` key of an endpoint IP.
@@ -78,6 +112,7 @@ impl<R: CommandRunner> NftProxier<R> {
             cfg,
             needs_full: true,
             current: HashMap::new(),
+            node: Arc::default(),
             hairpin_refs: HashMap::new(),
             picker_refs: HashMap::new(),
             transaction_statements: TRANSACTION_STATEMENTS,
@@ -120,18 +155,80 @@ impl<R: CommandRunner> NftProxier<R> {
         }
     }
 
+    /// Renders `svc` from `state` (see [`NftProxier::prepare`]). Returns the objects and
+    /// what to keep to render them again.
     fn render(
         &mut self,
         state: &ProxyState,
-        input: &SyncInput<'_>,
         svc: &NamespacedName,
         warnings: &mut Vec<String>,
+    ) -> (ServiceObjects, Kept) {
+        let kept = self.prepare(state, svc, warnings);
+        let o = self.render_checked(svc, &kept, warnings);
+        (o, kept)
+    }
+
+    /// `render_kept`, with unusable names warned about and the service left out.
+    fn render_checked(
+        &self,
+        svc: &NamespacedName,
+        kept: &Kept,
+        warnings: &mut Vec<String>,
     ) -> ServiceObjects {
-        let mut merged = ServiceObjects::default();
+        match self.render_kept(kept) {
+            Ok(o) => o,
+            Err(bad) => {
+                warnings.push(format!(
+                    "service {svc}: unusable object names {bad:?}; service skipped"
+                ));
+                ServiceObjects::default()
+            }
+        }
+    }
+
+    /// What rendering `svc` needs, its NodePorts claimed (first claimant wins; a clash is
+    /// warned about and the later service's NodePort rules are left out).
+    fn prepare(
+        &mut self,
+        state: &ProxyState,
+        svc: &NamespacedName,
+        warnings: &mut Vec<String>,
+    ) -> Kept {
         self.node_ports.retain(|_, owner| owner != svc);
-        for port in ports_of(state, svc) {
-            let eps = state.endpoints_of(&port.name);
-            let cat = categorize_endpoints(port, eps, &input.node.topology);
+        let ports = ports_of(state, svc);
+        let mut skipped = Vec::new();
+        for (port, _) in ports.iter() {
+            let Some(np) = port.node_port else { continue };
+            match self.node_ports.get(&(port.protocol, np)) {
+                Some(owner) if owner != svc => {
+                    warnings.push(format!(
+                        "service {}: nodePort {np}/{} is already used by {owner}; its NodePort rules are skipped",
+                        port.name,
+                        port.protocol.upper()
+                    ));
+                    skipped.push((port.protocol, np));
+                }
+                _ => {
+                    self.node_ports.insert((port.protocol, np), svc.clone());
+                }
+            }
+        }
+        Kept {
+            ports,
+            node: self.node.clone(),
+            skipped_node_ports: skipped.into_boxed_slice(),
+        }
+    }
+
+    /// The objects of one service (all its ports merged); pure, so rendering a [`Kept`]
+    /// again gives what the kernel got. `Err`: object names that cannot be used (the
+    /// service is skipped).
+    fn render_kept(&self, kept: &Kept) -> Result<ServiceObjects, Vec<String>> {
+        let mut merged = ServiceObjects::default();
+        let node = &kept.node;
+        for (port, eps) in kept.ports.iter() {
+            let eps = eps.as_deref().map(|v| v.as_slice()).unwrap_or(&[]);
+            let cat = categorize_endpoints(port, eps, &node.topology);
             if port.internal_policy_local && cat.local.is_empty() && cat.has_any {
                 merged.report.no_local_endpoints_internal += 1;
             }
@@ -150,28 +247,16 @@ impl<R: CommandRunner> NftProxier<R> {
                     .collect();
                 merged.report.health_check = Some((hc, local.len()));
             }
-            let mut o = render_service(&self.cfg, port, &cat, &input.node.node_ips);
-            if let Some(np) = port.node_port {
-                match self.node_ports.get(&(port.protocol, np)) {
-                    Some(owner) if owner != svc => {
-                        warnings.push(format!(
-                            "service {}: nodePort {np}/{} is already used by {owner}; its NodePort rules are skipped",
-                            port.name,
-                            port.protocol.upper()
-                        ));
-                        let key = format!("{} . {np}", port.protocol.lower());
-                        let slot_prefix = format!("{key} . ");
-                        o.elements.retain(|(set, k), _| {
-                            !((*set == SERVICE_NODEPORTS || *set == NO_ENDPOINT_NODEPORTS)
-                                && *k == key)
-                                && !(set.starts_with(NODEPORT_ENDPOINTS)
-                                    && k.starts_with(&slot_prefix))
-                        });
-                    }
-                    _ => {
-                        self.node_ports.insert((port.protocol, np), svc.clone());
-                    }
-                }
+            let mut o = render_service(&self.cfg, port, &cat, &node.node_ips);
+            if let Some(np) = port.node_port
+                && kept.skipped_node_ports.contains(&(port.protocol, np))
+            {
+                let key = format!("{} . {np}", port.protocol.lower());
+                let slot_prefix = format!("{key} . ");
+                o.elements.retain(|(set, k), _| {
+                    !((*set == SERVICE_NODEPORTS || *set == NO_ENDPOINT_NODEPORTS) && *k == key)
+                        && !(set.starts_with(NODEPORT_ENDPOINTS) && k.starts_with(&slot_prefix))
+                });
             }
             merged.chains.extend(o.chains);
             merged.elements.extend(o.elements);
@@ -187,12 +272,19 @@ impl<R: CommandRunner> NftProxier<R> {
             .cloned()
             .collect();
         if !bad.is_empty() {
-            warnings.push(format!(
-                "service {svc}: unusable object names {bad:?}; service skipped"
-            ));
-            return ServiceObjects::default();
+            return Err(bad);
         }
-        merged
+        Ok(merged)
+    }
+
+    /// Takes the node the next renders use; a different one gets a new shared copy.
+    fn set_node(&mut self, node: &kp_dataplane::NodeInfo) {
+        if self.node.topology != node.topology || self.node.node_ips != node.node_ips {
+            self.node = Arc::new(NodeView {
+                topology: node.topology.clone(),
+                node_ips: node.node_ips.clone(),
+            });
+        }
     }
 
     fn addr_type(&self) -> &'static str {
@@ -210,7 +302,7 @@ impl<R: CommandRunner> NftProxier<R> {
         input: &SyncInput<'_>,
         warnings: &mut Vec<String>,
         cold: bool,
-    ) -> (Tx, HashMap<NamespacedName, ServiceObjects>) {
+    ) -> (Tx, Vec<(NamespacedName, Kept)>, Vec<ServiceObjects>) {
         self.node_ports.clear();
         let mut tx = Tx::new(self.cfg.nft_family());
         tx.replace_table();
@@ -237,13 +329,21 @@ impl<R: CommandRunner> NftProxier<R> {
             .keys()
             .map(|k| k.service.clone())
             .collect();
-        let mut all = HashMap::new();
-        for svc in services {
-            let o = self.render(input.state, input, &svc, warnings);
-            all.insert(svc, o);
-        }
+        // What is kept is made before the rendered objects, which are dropped after
+        // the apply: allocated in between, it would pin their pages in the heap.
+        let kept: Vec<(NamespacedName, Kept)> = services
+            .into_iter()
+            .map(|svc| {
+                let k = self.prepare(input.state, &svc, warnings);
+                (svc, k)
+            })
+            .collect();
+        let all: Vec<ServiceObjects> = kept
+            .iter()
+            .map(|(svc, k)| self.render_checked(svc, k, warnings))
+            .collect();
         let addr_type = self.addr_type();
-        for o in all.values() {
+        for o in &all {
             for (set, t) in &o.affinity_sets {
                 tx.add_affinity_set(set, *t, addr_type);
             }
@@ -252,7 +352,8 @@ impl<R: CommandRunner> NftProxier<R> {
                 tx.add_chain(name);
             }
         }
-        let pickers: BTreeSet<Picker> = all.values().flat_map(|o| o.pickers.clone()).collect();
+        let pickers: BTreeSet<Picker> =
+            all.iter().flat_map(|o| o.pickers.iter().copied()).collect();
         for p in &pickers {
             tx.add_chain(&p.chain());
         }
@@ -266,7 +367,7 @@ impl<R: CommandRunner> NftProxier<R> {
                 tx.add_rule(&p.chain(), &r);
             }
         }
-        for o in all.values() {
+        for o in &all {
             for (chain, rules) in &o.chains {
                 for r in rules {
                     tx.add_rule(chain, r);
@@ -278,25 +379,25 @@ impl<R: CommandRunner> NftProxier<R> {
                 .iter()
                 .map(|((s, k), v)| (s.as_str(), k.as_str(), v.as_str())),
         );
-        tx.add_elements(all.values().flat_map(|o| {
+        tx.add_elements(all.iter().flat_map(|o| {
             o.elements
                 .iter()
                 .map(|((s, k), v)| (*s, k.as_str(), v.as_str()))
         }));
         let hairpin: BTreeSet<String> = all
-            .values()
+            .iter()
             .flat_map(|o| &o.hairpin)
             .map(|ip| hairpin_key(*ip))
             .collect();
         tx.add_elements(hairpin.iter().map(|k| (HAIRPIN_ENDPOINTS, k.as_str(), "")));
-        (tx, all)
+        (tx, kept, all)
     }
 
     fn partial_tx(
         &mut self,
         input: &SyncInput<'_>,
         warnings: &mut Vec<String>,
-    ) -> (Tx, Vec<(NamespacedName, ServiceObjects)>) {
+    ) -> (Tx, Vec<Update>) {
         let mut tx = Tx::new(self.cfg.nft_family());
         let mut updates = Vec::new();
         let empty = ServiceObjects::default();
@@ -312,8 +413,12 @@ impl<R: CommandRunner> NftProxier<R> {
         let mut picker_delta: HashMap<Picker, i64> = HashMap::new();
         tx.split_every(self.transaction_statements);
         for svc in &input.changes.services {
-            let new = self.render(input.state, input, svc, warnings);
-            let old = self.current.get(svc).unwrap_or(&empty);
+            let (new, kept) = self.render(input.state, svc, warnings);
+            let old_objects = self
+                .current
+                .get(svc)
+                .map(|k| self.render_kept(k).unwrap_or_default());
+            let old = old_objects.as_ref().unwrap_or(&empty);
             for k in old.elements.keys() {
                 if !new.elements.contains_key(k) {
                     del_elems.push(k.clone());
@@ -368,7 +473,12 @@ impl<R: CommandRunner> NftProxier<R> {
             for k in old.hairpin.difference(&new.hairpin) {
                 *hairpin_delta.entry(*k).or_default() -= 1;
             }
-            updates.push((svc.clone(), new));
+            updates.push(Update {
+                svc: svc.clone(),
+                old: old_objects,
+                new,
+                kept,
+            });
         }
         for (p, d) in &picker_delta {
             let before = i64::from(self.picker_refs.get(p).copied().unwrap_or(0));
@@ -587,12 +697,10 @@ impl<R: CommandRunner> NftProxier<R> {
         r
     }
 
-    /// Drops what the kernel holds for `svc` from memory, with its shares of the shared
-    /// elements, pickers and report totals.
-    fn forget(&mut self, svc: &NamespacedName) {
-        let Some(old) = self.current.remove(svc) else {
-            return;
-        };
+    /// Drops what the kernel holds for `svc` (`old`, its objects) from memory, with its
+    /// shares of the shared elements, pickers and report totals.
+    fn forget(&mut self, svc: &NamespacedName, old: &ServiceObjects) {
+        self.current.remove(svc);
         for k in &old.hairpin {
             if let Some(n) = self.hairpin_refs.get_mut(k) {
                 *n -= 1;
@@ -614,7 +722,7 @@ impl<R: CommandRunner> NftProxier<R> {
         self.health_checks.remove(svc);
     }
 
-    fn remember(&mut self, svc: NamespacedName, o: ServiceObjects) {
+    fn remember(&mut self, svc: NamespacedName, o: &ServiceObjects, kept: Kept) {
         for k in &o.hairpin {
             *self.hairpin_refs.entry(*k).or_default() += 1;
         }
@@ -626,7 +734,7 @@ impl<R: CommandRunner> NftProxier<R> {
         if let Some(hc) = o.report.health_check {
             self.health_checks.insert(svc.clone(), hc);
         }
-        self.current.insert(svc, o);
+        self.current.insert(svc, kept);
     }
 
     fn forget_all(&mut self) {
@@ -650,17 +758,21 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
     fn sync(&mut self, input: &SyncInput<'_>) -> Result<SyncReport, SyncError> {
         let full = input.force_full || self.needs_full;
         self.needs_full = true;
+        self.set_node(input.node);
         let mut warnings = Vec::new();
         if full {
             let cold = self.current.is_empty() && !self.table_present();
-            let (tx, all) = self.full_tx(input, &mut warnings, cold);
+            let (tx, kept, all) = self.full_tx(input, &mut warnings, cold);
+            let (bytes, ops) = (tx.text.len(), tx.ops);
             self.apply(&tx.text)?;
+            drop(tx);
             self.forget_all();
-            for (svc, o) in all {
-                self.remember(svc, o);
+            self.current.reserve(kept.len());
+            for ((svc, kept), o) in kept.into_iter().zip(all) {
+                self.remember(svc, &o, kept);
             }
             self.needs_full = false;
-            return Ok(self.report(true, tx.text.len(), tx.ops, warnings));
+            return Ok(self.report(true, bytes, ops, warnings));
         }
         let (tx, updates) = self.partial_tx(input, &mut warnings);
         if tx.ops > 0 {
@@ -668,10 +780,12 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         } else {
             self.last_apply = std::time::Duration::ZERO;
         }
-        for (svc, o) in updates {
-            self.forget(&svc);
-            if !(o.chains.is_empty() && o.elements.is_empty()) {
-                self.remember(svc, o);
+        for u in updates {
+            if let Some(old) = &u.old {
+                self.forget(&u.svc, old);
+            }
+            if !(u.new.chains.is_empty() && u.new.elements.is_empty()) {
+                self.remember(u.svc, &u.new, u.kept);
             }
         }
         self.needs_full = false;
