@@ -11,6 +11,8 @@ use kp_model::{IpFamily, NamespacedName};
 use crate::render::*;
 
 const CANARY: &str = "KUBE-PROXY-CANARY";
+/// iptables' exit status when it could not get a resource, such as the xtables lock.
+const RESOURCE_PROBLEM: i32 = 4;
 
 /// Binaries for one IP family.
 #[derive(Debug, Clone)]
@@ -451,6 +453,11 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
         for table in ["mangle", "nat", "filter"] {
             match self.ipt(&["-w", "5", "-t", table, "-S", CANARY]) {
                 Ok(out) if out.success() => {}
+                Ok(out) if out.status == RESOURCE_PROBLEM => {
+                    // The xtables lock is held by someone else: no answer, not a flush.
+                    tracing::info!(table, error = %out.stderr.trim(), "canary check skipped");
+                    return false;
+                }
                 _ => {
                     tracing::warn!(
                         table,
@@ -470,7 +477,11 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
             let args = jump_args(j);
             let mut check: Vec<&str> = vec!["-w", "5", "-t", j.0, "-C", j.2];
             check.extend(args.iter().map(|s| s.as_str()));
-            if !self.ipt(&check).is_ok_and(|o| o.success()) {
+            let out = self.ipt(&check);
+            if out.as_ref().is_ok_and(|o| o.status == RESOURCE_PROBLEM) {
+                return false;
+            }
+            if !out.is_ok_and(|o| o.success()) {
                 tracing::warn!(
                     chain = j.2,
                     "jump to KUBE-SERVICES missing: rules were flushed, forcing a full sync"
