@@ -237,6 +237,7 @@ struct Handles {
     nftables_sync_failures: Family<FamilyLabels, Counter>,
     nftables_cleanup_failures: Family<FamilyLabels, Counter>,
     drift_repairs: Family<FamilyLabels, Counter>,
+    conntrack_table_full: Counter,
     conntrack_reconcile_duration: HistogramFamily<FamilyLabels>,
     conntrack_deleted_entries: Family<FamilyLabels, Counter>,
     healthz_responses: Family<CodeLabels, Counter>,
@@ -266,6 +267,7 @@ impl Handles {
             nftables_sync_failures: Family::default(),
             nftables_cleanup_failures: Family::default(),
             drift_repairs: Family::default(),
+            conntrack_table_full: Counter::default(),
             conntrack_reconcile_duration: Family::new_with_constructor(sync_histogram),
             conntrack_deleted_entries: Family::default(),
             healthz_responses: Family::default(),
@@ -363,6 +365,11 @@ impl Handles {
             "sync_proxy_rules_drift_repairs",
             "Cumulative full syncs forced because the proxy's rules were found removed or changed by someone else (kube-proxy-rs)",
             h.drift_repairs.clone(),
+        );
+        registry.register(
+            "conntrack_table_full",
+            "Times the node's conntrack table was found full (>= 95% of nf_conntrack_max): the kernel evicts or drops new flows meanwhile (kube-proxy-rs)",
+            h.conntrack_table_full.clone(),
         );
         if matches!(mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
             registry.register(
@@ -500,6 +507,11 @@ impl Metrics {
     /// Sets the number of EndpointSlice changes not yet synced.
     pub fn set_endpoint_changes_pending(&self, pending: u64) {
         set_count(&self.inner.handles.endpoint_changes_pending, pending);
+    }
+
+    /// Counts one episode of a full conntrack table.
+    pub fn record_conntrack_table_full(&self) {
+        self.inner.handles.conntrack_table_full.inc();
     }
 
     /// Counts one Service change seen (`sync_proxy_rules_service_changes_total`).

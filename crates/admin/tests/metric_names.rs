@@ -52,7 +52,10 @@ const COMMON: &[(&str, &str)] = &[
 
 /// kube-proxy-rs's own families, in every mode: kept apart so the lists above stay
 /// exactly upstream's.
-const OURS: &[(&str, &str)] = &[("kubeproxy_sync_proxy_rules_drift_repairs_total", "counter")];
+const OURS: &[(&str, &str)] = &[
+    ("kubeproxy_conntrack_table_full_total", "counter"),
+    ("kubeproxy_sync_proxy_rules_drift_repairs_total", "counter"),
+];
 
 const IPTABLES_ONLY: &[(&str, &str)] = &[
     (

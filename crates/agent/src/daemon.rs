@@ -329,6 +329,10 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     }
     tracing::info!(families = ?families.iter().map(|f| f.model_family.k8s_name()).collect::<Vec<_>>(), "proxying");
     spawn_watchers(&watchers, &families, &node_name);
+    tokio::spawn(watch_conntrack_fill(
+        metrics.clone(),
+        s.sync_period.min(Duration::from_secs(10)),
+    ));
     events.node(
         kube::runtime::events::EventType::Normal,
         "Starting",
@@ -524,6 +528,41 @@ fn handle_event<K: Tracked>(fams: &[Arc<Shared>], proxied: &[IpFamily], ev: &Obj
     }
     if any {
         K::record_change(&first.metrics);
+    }
+}
+
+/// Says so, once per episode, when the conntrack table is full: the kernel then evicts
+/// or drops new flows, including new Service connections, which no rule can fix.
+async fn watch_conntrack_fill(metrics: Metrics, period: Duration) {
+    let mut full_since: Option<crate::kernel::ConntrackFill> = None;
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(200)));
+    loop {
+        tick.tick().await;
+        let Some(now) = crate::kernel::ConntrackFill::read() else {
+            continue;
+        };
+        match (now.full(), full_since) {
+            (true, None) => {
+                metrics.record_conntrack_table_full();
+                tracing::warn!(
+                    entries = now.entries,
+                    max = now.max,
+                    "conntrack table full: the kernel evicts or drops new flows; raise conntrack.maxPerCore or nf_conntrack_max"
+                );
+                full_since = Some(now);
+            }
+            (false, Some(then)) => {
+                tracing::info!(
+                    entries = now.entries,
+                    max = now.max,
+                    flows_evicted_or_dropped =
+                        now.pressure_drops.saturating_sub(then.pressure_drops),
+                    "conntrack table has room again"
+                );
+                full_since = None;
+            }
+            _ => {}
+        }
     }
 }
 

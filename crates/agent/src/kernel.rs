@@ -83,6 +83,57 @@ pub fn tcp_be_liberal() -> bool {
     read_sysctl("net/netfilter/nf_conntrack_tcp_be_liberal").is_some_and(|v| v != 0)
 }
 
+/// This namespace's conntrack table: entries, the limit, and the kernel's cumulative
+/// count of new flows it dropped or evicted for want of room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackFill {
+    pub entries: u64,
+    pub max: u64,
+    pub pressure_drops: u64,
+}
+
+impl ConntrackFill {
+    pub fn read() -> Option<ConntrackFill> {
+        let stat = std::fs::read_to_string("/proc/net/stat/nf_conntrack").ok()?;
+        Some(ConntrackFill {
+            entries: read_sysctl("net/netfilter/nf_conntrack_count")?
+                .try_into()
+                .ok()?,
+            max: read_sysctl("net/netfilter/nf_conntrack_max")?
+                .try_into()
+                .ok()?,
+            pressure_drops: pressure_drops(&stat)?,
+        })
+    }
+
+    /// At or near the limit: new flows evict others or are dropped.
+    pub fn full(&self) -> bool {
+        self.max > 0 && self.entries * 100 >= self.max * 95
+    }
+}
+
+/// Sum over CPUs of the `drop` and `early_drop` columns of /proc/net/stat/nf_conntrack
+/// (hex, one line per CPU under a header naming the columns).
+fn pressure_drops(stat: &str) -> Option<u64> {
+    let mut lines = stat.lines();
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let columns: Vec<usize> = ["drop", "early_drop"]
+        .iter()
+        .filter_map(|name| header.iter().position(|h| h == name))
+        .collect();
+    if columns.is_empty() {
+        return None;
+    }
+    let mut sum = 0u64;
+    for line in lines {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        for &c in &columns {
+            sum += u64::from_str_radix(fields.get(c)?, 16).ok()?;
+        }
+    }
+    Some(sum)
+}
+
 /// Addresses configured on this network namespace's interfaces.
 pub fn local_addresses() -> Vec<IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
@@ -103,4 +154,34 @@ pub fn local_addresses() -> Vec<IpAddr> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pressure_drops_sum_drop_and_early_drop_over_cpus() {
+        let stat = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
+                    00040000  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000002 00000010 00000000  00000000 00000000 00000000 00000000\n\
+                    00040000  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 0000fffb 00000000  00000000 00000000 00000000 00000000\n";
+        assert_eq!(pressure_drops(stat), Some(2 + 16 + 0xfffb));
+        assert_eq!(pressure_drops("entries found\n1 2\n"), None);
+    }
+
+    #[test]
+    fn full_means_at_least_95_percent() {
+        let f = |entries, max| {
+            ConntrackFill {
+                entries,
+                max,
+                pressure_drops: 0,
+            }
+            .full()
+        };
+        assert!(f(262_144, 262_144));
+        assert!(f(95, 100));
+        assert!(!f(94, 100));
+        assert!(!f(0, 0));
+    }
 }

@@ -230,3 +230,102 @@ fn held_xtables_lock_delays_changes_and_drops_no_connection() {
         lab.proxy_log(1)
     );
 }
+
+/// The node's conntrack table fills up (330k unreplied UDP flows from the node itself;
+/// `nf_conntrack_max` cannot be lowered inside a namespace, so the test fills the whole
+/// 262k). The proxy says so once with the numbers, counts the episode, keeps `/healthz` at
+/// 200 and keeps programming changes; Service connections still work because the kernel
+/// evicts unreplied flows for them; once there is room again it says so.
+#[test]
+fn full_conntrack_table_is_reported_once_and_syncs_go_on() {
+    const FULL: &str = "kubeproxy_conntrack_table_full_total";
+    let mut lab = new_lab(1);
+    deploy(&mut lab, "web", "web", 1, Some(serde_json::json!({})));
+    let config = lab.workdir().join("config.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         iptables:\n  syncPeriod: 1s\nnftables:\n  syncPeriod: 1s\n",
+    )
+    .unwrap();
+    start(&mut lab, 1, &[&format!("--config={}", config.display())]);
+    let ext = ext_ns(&lab);
+    let web = svc_addr(&lab, "default", "web", 80);
+    wait_serving(&lab, &ext, web, SETTLE);
+    let node = lab.node_ns(1);
+    assert_eq!(metric_on(&lab, 1, FULL, &[]), Some(0.0));
+
+    // Flows to a /16 behind a veth whose far end drops them: every datagram a new entry.
+    for cmd in [
+        "ip link add ctfill0 type veth peer name ctfill1",
+        "ip link set ctfill0 up",
+        "ip link set ctfill1 up",
+        "ip addr add 10.254.0.1/24 dev ctfill0",
+        "ip neigh add 10.254.0.2 lladdr 02:00:00:00:00:02 dev ctfill0 nud permanent",
+        "ip route add 10.255.0.0/16 via 10.254.0.2 dev ctfill0",
+    ] {
+        ip_cmd(&lab, &node, &cmd.split(' ').collect::<Vec<_>>()[1..]);
+    }
+    let sent = kp_testkit::netns::in_netns(&node, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut sent = 0;
+        for net in 0..5u8 {
+            for port in 1..=u16::MAX {
+                let to = std::net::SocketAddr::from(([10, 255, net, 1], port));
+                sent += usize::from(socket.send_to(b"x", to).is_ok());
+            }
+        }
+        sent
+    })
+    .unwrap();
+    let max = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap();
+    eprintln!("sent {sent} datagrams; nf_conntrack_max {}", max.trim());
+
+    assert!(
+        wait_log(&lab, &["conntrack table full", "entries="]),
+        "{}",
+        lab.proxy_log(1)
+    );
+    let counted = wait_for(Duration::from_secs(5), || {
+        (metric_on(&lab, 1, FULL, &[]) == Some(1.0)).then_some(())
+    });
+    assert!(counted.is_some(), "episode not counted\n{}", logs(&lab));
+    assert_eq!(healthz(&lab), 200);
+    let said = lab.proxy_log(1);
+    eprintln!(
+        "{}",
+        said.lines()
+            .find(|l| l.contains("conntrack table full"))
+            .unwrap()
+    );
+
+    // Rules keep following the cluster, and new Service flows get room by eviction.
+    deploy(&mut lab, "web", "web", 2, None);
+    let want = all_pods(&lab, "web");
+    assert_eq!(want.len(), 2);
+    wait_answered_by(&lab, &ext, web, &want, "scaled up while conntrack is full");
+    assert_eq!(
+        lab.proxy_log(1)
+            .lines()
+            .filter(|l| l.contains("conntrack table full"))
+            .count(),
+        1,
+        "logged once per episode"
+    );
+
+    ip_cmd(&lab, &node, &["link", "del", "ctfill0"]);
+    lab.topology()
+        .exec_ok(&node, &["conntrack", "-F"])
+        .expect("conntrack -F");
+    assert!(
+        wait_log(&lab, &["conntrack table has room again"]),
+        "{}",
+        lab.proxy_log(1)
+    );
+    assert_eq!(metric_on(&lab, 1, FULL, &[]), Some(1.0));
+    let log = lab.proxy_log(1);
+    eprintln!(
+        "{}",
+        log.lines().find(|l| l.contains("has room again")).unwrap()
+    );
+}
