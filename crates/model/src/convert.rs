@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
@@ -267,13 +268,58 @@ pub fn service_ports_from_service(
     Ok(out)
 }
 
-/// What one EndpointSlice contributes: endpoints keyed by (port name, protocol).
+/// What one EndpointSlice contributes: endpoints per (port name, protocol).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceEndpoints {
     pub service: NamespacedName,
-    pub by_port: BTreeMap<(String, Protocol), Vec<Endpoint>>,
+    /// Sorted by port name and protocol.
+    pub by_port: Vec<PortEndpoints>,
     /// `endpoints.kubernetes.io/last-change-trigger-time`, if present and valid.
     pub trigger_time: Option<std::time::SystemTime>,
+}
+
+/// The endpoints of one port of a slice, in the order (and with the duplicates collapsed)
+/// of a service port's merged endpoints, so a service with one slice shares them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortEndpoints {
+    pub port: String,
+    pub protocol: Protocol,
+    pub endpoints: Arc<Vec<Endpoint>>,
+}
+
+/// See [`addr_key`].
+pub(crate) type AddrKey = ([u8; 48], u8);
+
+/// `ip:port` (`[ip]:port` for IPv6) as bytes, without allocating: the order of a service
+/// port's endpoints.
+pub(crate) fn addr_key(ep: &Endpoint) -> AddrKey {
+    use std::io::Write;
+    let mut buf = [0u8; 48];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    // At most 47 bytes: "[" + 39 (IPv6) + "]:" + 5.
+    let _ = write!(cur, "{}", std::net::SocketAddr::new(ep.ip, ep.port));
+    let len = cur.position() as u8;
+    (buf, len)
+}
+
+/// Adds `eps` to a service port's endpoints, keyed by [`addr_key`]: an address seen
+/// before is kept, unless the new one is on this node and the kept one is not.
+pub(crate) fn merge_endpoints(
+    merged: &mut BTreeMap<AddrKey, Endpoint>,
+    eps: impl IntoIterator<Item = Endpoint>,
+) {
+    for ep in eps {
+        match merged.entry(addr_key(&ep)) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                if ep.is_local && !e.get().is_local {
+                    e.insert(ep);
+                }
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(ep);
+            }
+        }
+    }
 }
 
 /// Converts an EndpointSlice for one family. `Ok(None)`: not for us (FQDN, other family,
@@ -356,7 +402,7 @@ pub fn endpoints_from_slice(
         ));
     }
 
-    let mut by_port: BTreeMap<(String, Protocol), Vec<Endpoint>> = BTreeMap::new();
+    let mut by_port: BTreeMap<(String, Protocol), BTreeMap<AddrKey, Endpoint>> = BTreeMap::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let Some(port) = p.port.filter(|p| *p != 0) else {
             continue;
@@ -374,8 +420,8 @@ pub fn endpoints_from_slice(
         };
         let port_name = p.name.clone().unwrap_or_default();
         let list = by_port.entry((port_name, protocol)).or_default();
-        for (ip, ready, serving, terminating, is_local, zone_hints, node_hints) in &endpoints {
-            list.push(Endpoint {
+        let eps = endpoints.iter().map(
+            |(ip, ready, serving, terminating, is_local, zone_hints, node_hints)| Endpoint {
                 ip: *ip,
                 port: port as u16,
                 ready: *ready,
@@ -384,9 +430,18 @@ pub fn endpoints_from_slice(
                 is_local: *is_local,
                 zone_hints: zone_hints.clone(),
                 node_hints: node_hints.clone(),
-            });
-        }
+            },
+        );
+        merge_endpoints(list, eps);
     }
+    let by_port = by_port
+        .into_iter()
+        .map(|((port, protocol), eps)| PortEndpoints {
+            port,
+            protocol,
+            endpoints: Arc::new(eps.into_values().collect()),
+        })
+        .collect();
     let trigger_time = meta
         .annotations
         .as_ref()

@@ -14,7 +14,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::convert::{
-    ConvertError, SliceEndpoints, endpoints_from_slice, service_ports_from_service,
+    ConvertError, PortEndpoints, SliceEndpoints, endpoints_from_slice, merge_endpoints,
+    service_ports_from_service,
 };
 use crate::types::*;
 
@@ -125,10 +126,12 @@ pub struct ChangeTracker {
     node_name: String,
     start_time: SystemTime,
     state: ProxyState,
-    /// Latest valid ports per service (the desired state, not yet drained).
-    desired_services: HashMap<NamespacedName, Vec<ServicePort>>,
-    /// Latest converted slices, grouped by the service they belong to.
-    slices: HashMap<NamespacedName, BTreeMap<SliceKey, SliceEndpoints>>,
+    /// Latest valid ports per service (the desired state, not yet drained); shared with
+    /// the state once drained.
+    desired_services: HashMap<NamespacedName, Vec<Arc<ServicePort>>>,
+    /// Latest converted slices, grouped by the service they belong to, sorted by slice.
+    /// A service port with endpoints in one slice shares them with the state.
+    slices: HashMap<NamespacedName, Vec<(SliceKey, Vec<PortEndpoints>)>>,
     slice_owner: HashMap<SliceKey, NamespacedName>,
     dirty_services: BTreeSet<NamespacedName>,
     dirty_endpoints: BTreeSet<NamespacedName>,
@@ -202,7 +205,7 @@ impl ChangeTracker {
 
     fn set_service(&mut self, key: NamespacedName, ports: Vec<ServicePort>) -> bool {
         let unchanged = match self.desired_services.get(&key) {
-            Some(old) => *old == ports,
+            Some(old) => old.len() == ports.len() && old.iter().zip(&ports).all(|(o, n)| **o == *n),
             None => ports.is_empty(),
         };
         if unchanged {
@@ -212,7 +215,8 @@ impl ChangeTracker {
         if ports.is_empty() {
             self.desired_services.remove(&key);
         } else {
-            self.desired_services.insert(key.clone(), ports);
+            self.desired_services
+                .insert(key.clone(), ports.into_iter().map(Arc::new).collect());
         }
         self.dirty_services.insert(key);
         true
@@ -244,8 +248,8 @@ impl ChangeTracker {
             && self
                 .slices
                 .get(owner)
-                .and_then(|m| m.get(&key))
-                .is_some_and(|old| old.by_port == new.by_port)
+                .and_then(|m| m.iter().find(|(k, _)| *k == key))
+                .is_some_and(|(_, old)| *old == new.by_port)
         {
             return false;
         }
@@ -255,7 +259,7 @@ impl ChangeTracker {
         self.endpoint_changes_total += 1;
         if let Some(owner) = old_owner {
             if let Some(m) = self.slices.get_mut(&owner) {
-                m.remove(&key);
+                m.retain(|(k, _)| *k != key);
                 if m.is_empty() {
                     self.slices.remove(&owner);
                 }
@@ -272,10 +276,9 @@ impl ChangeTracker {
                     .push(t);
             }
             self.slice_owner.insert(key.clone(), owner.clone());
-            self.slices
-                .entry(owner.clone())
-                .or_default()
-                .insert(key, new);
+            let m = self.slices.entry(owner.clone()).or_default();
+            let at = m.partition_point(|(k, _)| *k < key);
+            m.insert(at, (key, new.by_port));
             self.dirty_endpoints.insert(owner);
         }
         true
@@ -306,9 +309,12 @@ impl ChangeTracker {
             .map(|(k, _)| k.clone())
             .collect();
         let same = old.len() == desired.len()
-            && desired
-                .iter()
-                .all(|p| self.state.services.get(&p.name).is_some_and(|o| **o == *p));
+            && desired.iter().all(|p| {
+                self.state
+                    .services
+                    .get(&p.name)
+                    .is_some_and(|o| Arc::ptr_eq(o, p) || **o == **p)
+            });
         if same {
             return false;
         }
@@ -316,45 +322,55 @@ impl ChangeTracker {
             self.state.services.remove(&k);
         }
         for p in desired {
-            self.state.services.insert(p.name.clone(), Arc::new(p));
+            self.state.services.insert(p.name.clone(), p);
         }
         true
     }
 
     fn drain_endpoints(&mut self, svc: &NamespacedName, changes: &mut ChangeSet) -> bool {
-        // Merge all slices of the service: duplicates collapse, a local copy wins.
-        let mut merged: BTreeMap<ServicePortName, BTreeMap<String, Endpoint>> = BTreeMap::new();
-        for slice in self.slices.get(svc).into_iter().flat_map(|m| m.values()) {
-            for ((port, protocol), eps) in &slice.by_port {
-                let name = ServicePortName {
-                    service: svc.clone(),
-                    port: port.clone(),
-                    protocol: *protocol,
-                };
-                let set = merged.entry(name).or_default();
-                for ep in eps {
-                    let key = ep.addr_string();
-                    match set.get(&key) {
-                        Some(existing) if existing.is_local || !ep.is_local => {}
-                        _ => {
-                            set.insert(key, ep.clone());
-                        }
-                    }
-                }
+        // Merge all slices of the service: duplicates collapse, a local copy wins. A port
+        // found in one slice only takes that slice's endpoints as they are (already in
+        // merged order), shared.
+        let mut by_port: BTreeMap<(&str, Protocol), Vec<&Arc<Vec<Endpoint>>>> = BTreeMap::new();
+        for (_, ports) in self.slices.get(svc).into_iter().flatten() {
+            for p in ports {
+                by_port
+                    .entry((p.port.as_str(), p.protocol))
+                    .or_default()
+                    .push(&p.endpoints);
             }
         }
-        let new: BTreeMap<ServicePortName, Vec<Endpoint>> = merged
+        let new: BTreeMap<ServicePortName, Arc<Vec<Endpoint>>> = by_port
             .into_iter()
-            .map(|(k, set)| (k, set.into_values().collect::<Vec<_>>()))
-            .filter(|(_, v)| !v.is_empty())
+            .filter_map(|((port, protocol), lists)| {
+                let eps = match lists.as_slice() {
+                    [one] => Arc::clone(one),
+                    _ => {
+                        let mut merged = BTreeMap::new();
+                        for eps in lists {
+                            merge_endpoints(&mut merged, eps.iter().cloned());
+                        }
+                        Arc::new(merged.into_values().collect())
+                    }
+                };
+                let name = ServicePortName {
+                    service: svc.clone(),
+                    port: port.to_string(),
+                    protocol,
+                };
+                (!eps.is_empty()).then_some((name, eps))
+            })
             .collect();
         let old_keys: Vec<ServicePortName> = service_range(&self.state.endpoints, svc)
             .map(|(k, _)| k.clone())
             .collect();
         let same = old_keys.len() == new.len()
-            && new
-                .iter()
-                .all(|(k, v)| self.state.endpoints.get(k).is_some_and(|o| **o == *v));
+            && new.iter().all(|(k, v)| {
+                self.state
+                    .endpoints
+                    .get(k)
+                    .is_some_and(|o| Arc::ptr_eq(o, v) || **o == **v)
+            });
         if same {
             return false;
         }
@@ -391,7 +407,7 @@ impl ChangeTracker {
             self.state.endpoints.remove(&k);
         }
         for (k, v) in new {
-            self.state.endpoints.insert(k, Arc::new(v));
+            self.state.endpoints.insert(k, v);
         }
         true
     }

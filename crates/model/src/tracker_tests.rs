@@ -297,3 +297,68 @@ fn a_copy_kept_by_changed_services_equals_the_state() {
     same(&copy, t.state());
     assert_eq!(count, t.state().endpoint_count() as isize);
 }
+
+#[test]
+fn one_slice_or_several_give_the_same_endpoints_in_address_string_order() {
+    // String order, not numeric: 10.244.1.10 < 10.244.1.2; a duplicate on this node wins.
+    let ips = [
+        "10.244.1.2",
+        "10.244.1.10",
+        "10.244.1.100",
+        "10.244.1.2",
+        "10.244.1.9",
+    ];
+    let mut one = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    one.update_service(&redis_svc(), &mut w).unwrap();
+    one.update_slice(&redis_slice("a", &ips), &mut w).unwrap();
+    one.drain();
+    let mut split = ChangeTracker::new(IpFamily::V4, "node1");
+    split.update_service(&redis_svc(), &mut w).unwrap();
+    split
+        .update_slice(&redis_slice("a", &ips[..2]), &mut w)
+        .unwrap();
+    split
+        .update_slice(&redis_slice("b", &ips[2..]), &mut w)
+        .unwrap();
+    split.drain();
+    let addrs = |t: &ChangeTracker| -> Vec<String> {
+        t.state()
+            .endpoints_of(&spn())
+            .iter()
+            .map(|e| e.addr_string())
+            .collect()
+    };
+    let mut want: Vec<String> = ips.iter().map(|ip| format!("{ip}:6379")).collect();
+    want.sort();
+    want.dedup();
+    assert_eq!(addrs(&one), want);
+    assert_eq!(addrs(&split), want);
+    assert_eq!(one.state().endpoints, split.state().endpoints);
+
+    // IPv6: "[" sorts after digits, and the port takes part in the order.
+    let eps = |ip: &str, ports: &[u16]| -> Vec<Endpoint> {
+        ports
+            .iter()
+            .map(|p| Endpoint {
+                ip: ip.parse().unwrap(),
+                port: *p,
+                ready: true,
+                serving: true,
+                terminating: false,
+                is_local: false,
+                zone_hints: Default::default(),
+                node_hints: Default::default(),
+            })
+            .collect()
+    };
+    let mut all = eps("fd00::10", &[80, 8080, 9]);
+    all.extend(eps("fd00::9", &[80]));
+    all.extend(eps("10.0.0.1", &[8080, 80]));
+    let mut merged = BTreeMap::new();
+    crate::convert::merge_endpoints(&mut merged, all.clone());
+    let got: Vec<String> = merged.values().map(|e| e.addr_string()).collect();
+    let mut want: Vec<String> = all.iter().map(|e| e.addr_string()).collect();
+    want.sort();
+    assert_eq!(got, want);
+}
