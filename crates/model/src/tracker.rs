@@ -215,8 +215,11 @@ impl ChangeTracker {
         if ports.is_empty() {
             self.desired_services.remove(&key);
         } else {
-            self.desired_services
-                .insert(key.clone(), ports.into_iter().map(Arc::new).collect());
+            // Collected anew: an in-place collect would keep the capacity of the
+            // Vec<ServicePort> (four of them for one port).
+            let mut shared = Vec::with_capacity(ports.len());
+            shared.extend(ports.into_iter().map(Arc::new));
+            self.desired_services.insert(key.clone(), shared);
         }
         self.dirty_services.insert(key);
         true
