@@ -14,28 +14,19 @@ use kp_model::{
 
 use crate::names::is_safe_name;
 use crate::render::*;
-use crate::txn::{COMMIT_MARKER, Tx};
+use crate::txn::{COMMIT_MARKER, ElementLines, Tx};
 
 pub struct NftProxier<R: CommandRunner> {
     runner: R,
     cfg: NftConfig,
     needs_full: bool,
-    /// What the kernel holds, per service: the inputs it was rendered from (shared with
-    /// the sync loop's state), re-rendered when a partial sync needs the old objects.
-    current: HashMap<NamespacedName, Kept>,
+    /// What the kernel holds.
+    mem: Memory,
     /// The node as the last sync saw it; every [`Kept`] refers to the one it was rendered
     /// with.
     node: Arc<NodeView>,
-    /// How many services use each `hairpin-endpoints` element.
-    hairpin_refs: HashMap<std::net::IpAddr, u32>,
-    /// How many services use each shared picker chain.
-    picker_refs: HashMap<Picker, u32>,
     /// Statements per transaction when a sync is split.
     transaction_statements: usize,
-    /// Sums of every service's report share (health_check unused here), and the services
-    /// needing a healthCheckNodePort: kept as services come and go, not recounted.
-    totals: ServiceReport,
-    health_checks: BTreeMap<NamespacedName, (u16, usize)>,
     /// Which service owns each NodePort (first claimant wins; clashes are warned about).
     node_ports: HashMap<(Protocol, u16), NamespacedName>,
     /// Sends transactions over nfnetlink; `nft -f` reads the whole table into its cache
@@ -43,6 +34,113 @@ pub struct NftProxier<R: CommandRunner> {
     netlink: Option<kp_nftnl::NetlinkApplier>,
     /// Duration of the last successful apply (kernel time for netlink).
     last_apply: std::time::Duration,
+}
+
+/// What the kernel holds, in memory.
+#[derive(Default)]
+struct Memory {
+    /// Per service: the inputs it was rendered from (shared with the sync loop's state),
+    /// re-rendered when a partial sync needs the old objects.
+    current: HashMap<NamespacedName, Kept>,
+    /// How many services use each `hairpin-endpoints` element.
+    hairpin_refs: HairpinRefs,
+    /// How many services use each shared picker chain.
+    picker_refs: HashMap<Picker, u32>,
+    /// Sums of every service's report share (health_check unused here), and the services
+    /// needing a healthCheckNodePort: kept as services come and go, not recounted.
+    totals: ServiceReport,
+    health_checks: BTreeMap<NamespacedName, (u16, usize)>,
+}
+
+impl Memory {
+    /// Drops what the kernel holds for `svc` (`old`, its objects), with its shares of the
+    /// shared elements, pickers and report totals.
+    fn forget(&mut self, svc: &NamespacedName, old: &ServiceObjects) {
+        self.current.remove(svc);
+        for ip in &old.hairpin {
+            self.hairpin_refs.release(*ip);
+        }
+        for p in &old.pickers {
+            if let Some(n) = self.picker_refs.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.picker_refs.remove(p);
+                }
+            }
+        }
+        self.totals.no_local_endpoints_internal -= old.report.no_local_endpoints_internal;
+        self.totals.no_local_endpoints_external -= old.report.no_local_endpoints_external;
+        self.health_checks.remove(svc);
+    }
+
+    /// Records `svc` (`o`, its objects; `kept`, how to render them again). Calls `first`
+    /// for each hairpin element no other service had.
+    fn remember(
+        &mut self,
+        svc: NamespacedName,
+        o: &ServiceObjects,
+        kept: Kept,
+        mut first: impl FnMut(IpAddr),
+    ) {
+        for ip in &o.hairpin {
+            if self.hairpin_refs.take(*ip) {
+                first(*ip);
+            }
+        }
+        for p in &o.pickers {
+            *self.picker_refs.entry(*p).or_default() += 1;
+        }
+        self.totals.no_local_endpoints_internal += o.report.no_local_endpoints_internal;
+        self.totals.no_local_endpoints_external += o.report.no_local_endpoints_external;
+        if let Some(hc) = o.report.health_check {
+            self.health_checks.insert(svc.clone(), hc);
+        }
+        self.current.insert(svc, kept);
+    }
+}
+
+/// Services per `hairpin-endpoints` element, one map per address family (a v4 entry is
+/// 8 bytes instead of an `IpAddr`'s 24).
+#[derive(Default)]
+struct HairpinRefs {
+    v4: HashMap<std::net::Ipv4Addr, u32>,
+    v6: HashMap<std::net::Ipv6Addr, u32>,
+}
+
+impl HairpinRefs {
+    fn get(&self, ip: IpAddr) -> u32 {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&a),
+            IpAddr::V6(a) => self.v6.get(&a),
+        }
+        .copied()
+        .unwrap_or(0)
+    }
+
+    /// One more user; true when it is the first.
+    fn take(&mut self, ip: IpAddr) -> bool {
+        let n = match ip {
+            IpAddr::V4(a) => self.v4.entry(a).or_default(),
+            IpAddr::V6(a) => self.v6.entry(a).or_default(),
+        };
+        *n += 1;
+        *n == 1
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        fn dec<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
+            if let Some(n) = m.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&k);
+                }
+            }
+        }
+        match ip {
+            IpAddr::V4(a) => dec(&mut self.v4, a),
+            IpAddr::V6(a) => dec(&mut self.v6, a),
+        }
+    }
 }
 
 /// What a service's rendering depends on besides the config: its ports and endpoints
@@ -111,13 +209,9 @@ impl<R: CommandRunner> NftProxier<R> {
             runner,
             cfg,
             needs_full: true,
-            current: HashMap::new(),
+            mem: Memory::default(),
             node: Arc::default(),
-            hairpin_refs: HashMap::new(),
-            picker_refs: HashMap::new(),
             transaction_statements: TRANSACTION_STATEMENTS,
-            totals: ServiceReport::default(),
-            health_checks: BTreeMap::new(),
             node_ports: HashMap::new(),
             netlink: None,
             last_apply: std::time::Duration::ZERO,
@@ -296,13 +390,18 @@ impl<R: CommandRunner> NftProxier<R> {
 
     /// `cold`: the kernel has no table yet, so the load may be split into several
     /// transactions (nothing is served before it either way). Over an existing table
-    /// the replacement stays one atomic transaction.
+    /// the replacement stays one atomic transaction. Returns the transaction and what
+    /// the kernel holds once it is applied.
+    ///
+    /// Services are rendered one at a time and written at once: their chains and rules
+    /// go straight into the transaction, their elements into [`ElementLines`] (written
+    /// last, after the shared pickers they jump to), so no service's objects outlive it.
     fn full_tx(
         &mut self,
         input: &SyncInput<'_>,
         warnings: &mut Vec<String>,
         cold: bool,
-    ) -> (Tx, Vec<(NamespacedName, Kept)>, Vec<ServiceObjects>) {
+    ) -> (Tx, Memory) {
         self.node_ports.clear();
         let mut tx = Tx::new(self.cfg.nft_family());
         tx.replace_table();
@@ -323,14 +422,18 @@ impl<R: CommandRunner> NftProxier<R> {
                 tx.add_chain(name);
             }
         }
+        let mut elements = ElementLines::default();
+        for ((s, k), v) in &sk.elements {
+            elements.add(s, k, v);
+        }
         let services: BTreeSet<NamespacedName> = input
             .state
             .services
             .keys()
             .map(|k| k.service.clone())
             .collect();
-        // What is kept is made before the rendered objects, which are dropped after
-        // the apply: allocated in between, it would pin their pages in the heap.
+        // What is kept is made before the rendered objects: allocated in between, it
+        // would pin their pages in the heap once they are freed.
         let kept: Vec<(NamespacedName, Kept)> = services
             .into_iter()
             .map(|svc| {
@@ -338,22 +441,42 @@ impl<R: CommandRunner> NftProxier<R> {
                 (svc, k)
             })
             .collect();
-        let all: Vec<ServiceObjects> = kept
+        let mut mem = Memory::default();
+        mem.current.reserve(kept.len());
+        let endpoints: usize = kept
             .iter()
-            .map(|(svc, k)| self.render_checked(svc, k, warnings))
-            .collect();
+            .flat_map(|(_, k)| k.ports.iter())
+            .map(|(_, eps)| eps.as_ref().map_or(0, |e| e.len()))
+            .sum();
+        match self.cfg.family {
+            IpFamily::V4 => mem.hairpin_refs.v4.reserve(endpoints),
+            IpFamily::V6 => mem.hairpin_refs.v6.reserve(endpoints),
+        }
         let addr_type = self.addr_type();
-        for o in &all {
+        let mut pickers: BTreeSet<Picker> = BTreeSet::new();
+        for (svc, k) in kept {
+            let o = self.render_checked(&svc, &k, warnings);
             for (set, t) in &o.affinity_sets {
                 tx.add_affinity_set(set, *t, addr_type);
             }
-            // Endpoint chains first: other chains and map elements refer to them.
+            // All of the service's chains before their rules: they jump to each other
+            // (service -> endpoint chains).
             for name in o.chains.keys() {
                 tx.add_chain(name);
             }
+            for (chain, rules) in &o.chains {
+                for r in rules {
+                    tx.add_rule(chain, r);
+                }
+            }
+            for ((s, k), v) in &o.elements {
+                elements.add(s, k, v);
+            }
+            pickers.extend(o.pickers.iter().copied());
+            mem.remember(svc, &o, k, |ip| {
+                elements.add(HAIRPIN_ENDPOINTS, &hairpin_key(ip), "");
+            });
         }
-        let pickers: BTreeSet<Picker> =
-            all.iter().flat_map(|o| o.pickers.iter().copied()).collect();
         for p in &pickers {
             tx.add_chain(&p.chain());
         }
@@ -367,30 +490,8 @@ impl<R: CommandRunner> NftProxier<R> {
                 tx.add_rule(&p.chain(), &r);
             }
         }
-        for o in &all {
-            for (chain, rules) in &o.chains {
-                for r in rules {
-                    tx.add_rule(chain, r);
-                }
-            }
-        }
-        tx.add_elements(
-            sk.elements
-                .iter()
-                .map(|((s, k), v)| (s.as_str(), k.as_str(), v.as_str())),
-        );
-        tx.add_elements(all.iter().flat_map(|o| {
-            o.elements
-                .iter()
-                .map(|((s, k), v)| (*s, k.as_str(), v.as_str()))
-        }));
-        let hairpin: BTreeSet<String> = all
-            .iter()
-            .flat_map(|o| &o.hairpin)
-            .map(|ip| hairpin_key(*ip))
-            .collect();
-        tx.add_elements(hairpin.iter().map(|k| (HAIRPIN_ENDPOINTS, k.as_str(), "")));
-        (tx, kept, all)
+        elements.write_to(&mut tx);
+        (tx, mem)
     }
 
     fn partial_tx(
@@ -415,6 +516,7 @@ impl<R: CommandRunner> NftProxier<R> {
         for svc in &input.changes.services {
             let (new, kept) = self.render(input.state, svc, warnings);
             let old_objects = self
+                .mem
                 .current
                 .get(svc)
                 .map(|k| self.render_kept(k).unwrap_or_default());
@@ -481,7 +583,7 @@ impl<R: CommandRunner> NftProxier<R> {
             });
         }
         for (p, d) in &picker_delta {
-            let before = i64::from(self.picker_refs.get(p).copied().unwrap_or(0));
+            let before = i64::from(self.mem.picker_refs.get(p).copied().unwrap_or(0));
             match (before, before + d) {
                 (0, after) if after > 0 => {
                     add_chains.push(p.chain());
@@ -492,7 +594,7 @@ impl<R: CommandRunner> NftProxier<R> {
             }
         }
         for (k, d) in &hairpin_delta {
-            let before = i64::from(self.hairpin_refs.get(k).copied().unwrap_or(0));
+            let before = i64::from(self.mem.hairpin_refs.get(*k));
             match (before, before + d) {
                 (0, after) if after > 0 => {
                     add_elems.push((HAIRPIN_ENDPOINTS, hairpin_key(*k), String::new()))
@@ -691,58 +793,10 @@ impl<R: CommandRunner> NftProxier<R> {
             ..Default::default()
         };
         r.rules_written.insert("nft-ops", ops);
-        r.no_local_endpoints_internal = self.totals.no_local_endpoints_internal;
-        r.no_local_endpoints_external = self.totals.no_local_endpoints_external;
-        r.health_checks = self.health_checks.clone();
+        r.no_local_endpoints_internal = self.mem.totals.no_local_endpoints_internal;
+        r.no_local_endpoints_external = self.mem.totals.no_local_endpoints_external;
+        r.health_checks = self.mem.health_checks.clone();
         r
-    }
-
-    /// Drops what the kernel holds for `svc` (`old`, its objects) from memory, with its
-    /// shares of the shared elements, pickers and report totals.
-    fn forget(&mut self, svc: &NamespacedName, old: &ServiceObjects) {
-        self.current.remove(svc);
-        for k in &old.hairpin {
-            if let Some(n) = self.hairpin_refs.get_mut(k) {
-                *n -= 1;
-                if *n == 0 {
-                    self.hairpin_refs.remove(k);
-                }
-            }
-        }
-        for p in &old.pickers {
-            if let Some(n) = self.picker_refs.get_mut(p) {
-                *n -= 1;
-                if *n == 0 {
-                    self.picker_refs.remove(p);
-                }
-            }
-        }
-        self.totals.no_local_endpoints_internal -= old.report.no_local_endpoints_internal;
-        self.totals.no_local_endpoints_external -= old.report.no_local_endpoints_external;
-        self.health_checks.remove(svc);
-    }
-
-    fn remember(&mut self, svc: NamespacedName, o: &ServiceObjects, kept: Kept) {
-        for k in &o.hairpin {
-            *self.hairpin_refs.entry(*k).or_default() += 1;
-        }
-        for p in &o.pickers {
-            *self.picker_refs.entry(*p).or_default() += 1;
-        }
-        self.totals.no_local_endpoints_internal += o.report.no_local_endpoints_internal;
-        self.totals.no_local_endpoints_external += o.report.no_local_endpoints_external;
-        if let Some(hc) = o.report.health_check {
-            self.health_checks.insert(svc.clone(), hc);
-        }
-        self.current.insert(svc, kept);
-    }
-
-    fn forget_all(&mut self) {
-        self.current.clear();
-        self.hairpin_refs.clear();
-        self.picker_refs.clear();
-        self.totals = ServiceReport::default();
-        self.health_checks.clear();
     }
 }
 
@@ -761,16 +815,12 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         self.set_node(input.node);
         let mut warnings = Vec::new();
         if full {
-            let cold = self.current.is_empty() && !self.table_present();
-            let (tx, kept, all) = self.full_tx(input, &mut warnings, cold);
+            let cold = self.mem.current.is_empty() && !self.table_present();
+            let (tx, mem) = self.full_tx(input, &mut warnings, cold);
             let (bytes, ops) = (tx.text.len(), tx.ops);
             self.apply(&tx.text)?;
             drop(tx);
-            self.forget_all();
-            self.current.reserve(kept.len());
-            for ((svc, kept), o) in kept.into_iter().zip(all) {
-                self.remember(svc, &o, kept);
-            }
+            self.mem = mem;
             self.needs_full = false;
             return Ok(self.report(true, bytes, ops, warnings));
         }
@@ -782,10 +832,10 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         }
         for u in updates {
             if let Some(old) = &u.old {
-                self.forget(&u.svc, old);
+                self.mem.forget(&u.svc, old);
             }
             if !(u.new.chains.is_empty() && u.new.elements.is_empty()) {
-                self.remember(u.svc, &u.new, u.kept);
+                self.mem.remember(u.svc, &u.new, u.kept, |_| {});
             }
         }
         self.needs_full = false;
@@ -811,7 +861,7 @@ impl<R: CommandRunner> Dataplane for NftProxier<R> {
         let f = self.cfg.nft_family();
         let text = format!("add table {f} {TABLE}\ndelete table {f} {TABLE}\n");
         self.run_nft(&text)?;
-        self.forget_all();
+        self.mem = Memory::default();
         self.needs_full = true;
         Ok(())
     }

@@ -160,3 +160,51 @@ impl Tx {
         }
     }
 }
+
+/// `add element` lines gathered while services are rendered one by one, written to a
+/// [`Tx`] at the end (after the chains their verdicts jump to): per set, up to
+/// [`ELEMENTS_PER_LINE`] items a line, kept as text, not as a string per element.
+#[derive(Default)]
+pub struct ElementLines {
+    /// Per set: the items of its unfinished line, and how many.
+    open: std::collections::BTreeMap<String, (String, usize)>,
+    /// Finished lines: set name, then the items.
+    lines: Vec<(String, String)>,
+}
+
+impl ElementLines {
+    /// Adds an element (`value` empty for plain sets).
+    pub fn add(&mut self, set: &str, key: &str, value: &str) {
+        if !self.open.contains_key(set) {
+            self.open.insert(set.to_string(), Default::default());
+        }
+        let Some((items, n)) = self.open.get_mut(set) else {
+            return;
+        };
+        if *n > 0 {
+            items.push_str(", ");
+        }
+        items.push_str(key);
+        if !value.is_empty() {
+            items.push_str(" : ");
+            items.push_str(value);
+        }
+        *n += 1;
+        if *n == ELEMENTS_PER_LINE {
+            self.lines.push((set.to_string(), std::mem::take(items)));
+            *n = 0;
+        }
+    }
+
+    pub fn write_to(self, tx: &mut Tx) {
+        let f = tx.family;
+        let rest = self
+            .open
+            .into_iter()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(set, (items, _))| (set, items));
+        for (set, items) in self.lines.into_iter().chain(rest) {
+            tx.line(format_args!("add element {f} {TABLE} {set} {{ {items} }}"));
+        }
+    }
+}
