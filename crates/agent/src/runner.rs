@@ -121,7 +121,7 @@ pub fn run_sync_loop(
 
     let mut force_full = true;
     let mut first = true;
-    // The sync thread's own copy of the tracker's state, kept by changed services.
+    // The state, drained into by the sync thread (one copy, outside the tracker's lock).
     let mut state = SyncState::default();
     let mut last_end: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
@@ -206,15 +206,15 @@ fn sleep_until(shared: &Shared, deadline: Instant) {
     }
 }
 
-/// One sync; returns success.
-/// The sync thread's own copy of the tracker's state, and its endpoint count, both kept
-/// by changed services.
+/// The model state, which the tracker drains into (the sync thread owns the only copy),
+/// and its endpoint count, both kept by changed services.
 #[derive(Default)]
 struct SyncState {
     state: kp_model::ProxyState,
-    endpoints: isize,
+    endpoints: usize,
 }
 
+/// One sync; returns success.
 fn sync_once(
     shared: &Shared,
     dataplane: &mut dyn Dataplane,
@@ -225,8 +225,8 @@ fn sync_once(
         let Ok(mut t) = shared.tracker.lock() else {
             return false;
         };
-        let changes = t.drain();
-        own.endpoints += own.state.copy_services_from(t.state(), &changes.services);
+        let changes = t.drain_into(&mut own.state);
+        own.endpoints = t.drained_endpoint_count();
         changes
     };
     let state = &own.state;

@@ -136,6 +136,8 @@ pub struct ChangeTracker {
     dirty_services: BTreeSet<NamespacedName>,
     dirty_endpoints: BTreeSet<NamespacedName>,
     pending_trigger_times: HashMap<NamespacedName, Vec<SystemTime>>,
+    /// Endpoints in the drained state, kept as services change.
+    drained_endpoints: isize,
     /// Counters for the `*_changes_total` metrics.
     pub service_changes_total: u64,
     pub endpoint_changes_total: u64,
@@ -154,6 +156,7 @@ impl ChangeTracker {
             dirty_services: BTreeSet::new(),
             dirty_endpoints: BTreeSet::new(),
             pending_trigger_times: HashMap::new(),
+            drained_endpoints: 0,
             service_changes_total: 0,
             endpoint_changes_total: 0,
         }
@@ -166,6 +169,12 @@ impl ChangeTracker {
     /// The state as of the last drain.
     pub fn state(&self) -> &ProxyState {
         &self.state
+    }
+
+    /// Endpoints over all service ports of the drained state (as
+    /// [`ProxyState::endpoint_count`], without the walk).
+    pub fn drained_endpoint_count(&self) -> usize {
+        self.drained_endpoints.max(0) as usize
     }
 
     /// Services with changes not yet drained.
@@ -289,14 +298,24 @@ impl ChangeTracker {
 
     /// Applies every recorded change to the state and reports what really changed.
     pub fn drain(&mut self) -> ChangeSet {
+        let mut state = std::mem::take(&mut self.state);
+        let changes = self.drain_into(&mut state);
+        self.state = state;
+        changes
+    }
+
+    /// [`ChangeTracker::drain`] into a state the caller keeps (the sync loop's own, so
+    /// there is one copy of it, not two): `state` must be the one every earlier drain of
+    /// this tracker went into; [`ChangeTracker::state`] then stays empty.
+    pub fn drain_into(&mut self, state: &mut ProxyState) -> ChangeSet {
         let mut changes = ChangeSet::default();
         let touched: BTreeSet<NamespacedName> = std::mem::take(&mut self.dirty_services)
             .into_iter()
             .chain(std::mem::take(&mut self.dirty_endpoints))
             .collect();
         for svc in touched {
-            let mut changed = self.drain_service_ports(&svc);
-            changed |= self.drain_endpoints(&svc, &mut changes);
+            let mut changed = self.drain_service_ports(state, &svc);
+            changed |= self.drain_endpoints(state, &svc, &mut changes);
             let times = self.pending_trigger_times.remove(&svc).unwrap_or_default();
             if changed {
                 changes.trigger_times.extend(times);
@@ -306,14 +325,14 @@ impl ChangeTracker {
         changes
     }
 
-    fn drain_service_ports(&mut self, svc: &NamespacedName) -> bool {
+    fn drain_service_ports(&mut self, state: &mut ProxyState, svc: &NamespacedName) -> bool {
         let desired = self.desired_services.get(svc).cloned().unwrap_or_default();
-        let old: Vec<ServicePortName> = service_range(&self.state.services, svc)
+        let old: Vec<ServicePortName> = service_range(&state.services, svc)
             .map(|(k, _)| k.clone())
             .collect();
         let same = old.len() == desired.len()
             && desired.iter().all(|p| {
-                self.state
+                state
                     .services
                     .get(&p.name)
                     .is_some_and(|o| Arc::ptr_eq(o, p) || **o == **p)
@@ -322,15 +341,20 @@ impl ChangeTracker {
             return false;
         }
         for k in old {
-            self.state.services.remove(&k);
+            state.services.remove(&k);
         }
         for p in desired {
-            self.state.services.insert(p.name.clone(), p);
+            state.services.insert(p.name.clone(), p);
         }
         true
     }
 
-    fn drain_endpoints(&mut self, svc: &NamespacedName, changes: &mut ChangeSet) -> bool {
+    fn drain_endpoints(
+        &mut self,
+        state: &mut ProxyState,
+        svc: &NamespacedName,
+        changes: &mut ChangeSet,
+    ) -> bool {
         // Merge all slices of the service: duplicates collapse, a local copy wins. A port
         // found in one slice only takes that slice's endpoints as they are (already in
         // merged order), shared.
@@ -364,12 +388,12 @@ impl ChangeTracker {
                 (!eps.is_empty()).then_some((name, eps))
             })
             .collect();
-        let old_keys: Vec<ServicePortName> = service_range(&self.state.endpoints, svc)
+        let old_keys: Vec<ServicePortName> = service_range(&state.endpoints, svc)
             .map(|(k, _)| k.clone())
             .collect();
         let same = old_keys.len() == new.len()
             && new.iter().all(|(k, v)| {
-                self.state
+                state
                     .endpoints
                     .get(k)
                     .is_some_and(|o| Arc::ptr_eq(o, v) || **o == **v)
@@ -382,7 +406,7 @@ impl ChangeTracker {
             if k.protocol != Protocol::Udp {
                 continue;
             }
-            let old_eps = self.state.endpoints.get(k).cloned().unwrap_or_default();
+            let old_eps = state.endpoints.get(k).cloned().unwrap_or_default();
             let new_eps = new.get(k);
             for ep in old_eps.iter().filter(|e| e.ready) {
                 let still = new_eps.is_some_and(|n| {
@@ -397,8 +421,7 @@ impl ChangeTracker {
         for (k, v) in &new {
             if k.protocol == Protocol::Udp
                 && v.iter().any(|e| e.ready)
-                && !self
-                    .state
+                && !state
                     .endpoints
                     .get(k)
                     .is_some_and(|o| o.iter().any(|e| e.ready))
@@ -407,10 +430,13 @@ impl ChangeTracker {
             }
         }
         for k in old_keys {
-            self.state.endpoints.remove(&k);
+            if let Some(v) = state.endpoints.remove(&k) {
+                self.drained_endpoints -= v.len() as isize;
+            }
         }
         for (k, v) in new {
-            self.state.endpoints.insert(k, v);
+            self.drained_endpoints += v.len() as isize;
+            state.endpoints.insert(k, v);
         }
         true
     }

@@ -362,3 +362,44 @@ fn one_slice_or_several_give_the_same_endpoints_in_address_string_order() {
     want.sort();
     assert_eq!(got, want);
 }
+
+#[test]
+fn draining_into_a_kept_state_equals_draining_into_the_trackers() {
+    let mut own = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut into = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut kept = ProxyState::default();
+    type Step = Box<dyn Fn(&mut ChangeTracker)>;
+    let steps: Vec<Step> = vec![
+        Box::new(|t| {
+            t.update_service(&redis_svc(), &mut vec![]).unwrap();
+            t.update_slice(
+                &redis_slice("a", &["10.244.1.2", "10.244.1.3"]),
+                &mut vec![],
+            )
+            .unwrap();
+        }),
+        Box::new(|t| {
+            t.update_slice(&redis_slice("b", &["10.244.1.4"]), &mut vec![])
+                .unwrap();
+        }),
+        Box::new(|t| {
+            t.delete_slice("default", "a");
+        }),
+        Box::new(|t| {
+            t.delete_service("default", "redis");
+            t.delete_slice("default", "b");
+        }),
+    ];
+    for step in &steps {
+        step(&mut own);
+        step(&mut into);
+        let a = own.drain();
+        let b = into.drain_into(&mut kept);
+        assert_eq!(a, b);
+        assert_eq!(own.state().services, kept.services);
+        assert_eq!(own.state().endpoints, kept.endpoints);
+        assert_eq!(into.drained_endpoint_count(), kept.endpoint_count());
+        assert_eq!(own.drained_endpoint_count(), own.state().endpoint_count());
+        assert!(into.state().services.is_empty());
+    }
+}
