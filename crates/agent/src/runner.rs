@@ -368,7 +368,7 @@ fn sync_health_checks(
     };
     let ports = checks
         .iter()
-        .map(|(k, (port, _))| ((k.namespace.clone(), k.name.clone()), *port))
+        .map(|(k, (port, _))| ((k.namespace.to_string(), k.name.to_string()), *port))
         .collect();
     for err in server.sync_services(&ports) {
         tracing::warn!(
@@ -394,7 +394,7 @@ fn sync_health_checks(
     }
     let counts = checks
         .iter()
-        .map(|(k, (_, n))| ((k.namespace.clone(), k.name.clone()), *n))
+        .map(|(k, (_, n))| ((k.namespace.to_string(), k.name.to_string()), *n))
         .collect();
     server.sync_endpoints(&counts);
 }

@@ -202,8 +202,9 @@ pub fn service_ports_from_service(
 
     let mut seen_names = HashSet::new();
     let mut seen_ports = HashSet::new();
-    let mut out = Vec::new();
     let ports = spec.ports.as_deref().unwrap_or(&[]);
+    let mut out = Vec::with_capacity(ports.len());
+    let service = NamespacedName::new(namespace, name);
     for (i, p) in ports.iter().enumerate() {
         let port_name = p.name.clone().unwrap_or_default();
         if !port_name.is_empty() && !is_port_name(&port_name) {
@@ -248,7 +249,7 @@ pub fn service_ports_from_service(
         }
         out.push(ServicePort {
             name: ServicePortName {
-                service: NamespacedName::new(namespace, name),
+                service: service.clone(),
                 port: port_name,
                 protocol,
             },

@@ -199,12 +199,29 @@ impl ChangeTracker {
         svc: &Service,
         warnings: &mut Vec<String>,
     ) -> Result<bool, ConvertError> {
-        let ports = service_ports_from_service(svc, self.family, warnings)?;
+        let mut ports = service_ports_from_service(svc, self.family, warnings)?;
         let key = NamespacedName::new(
-            svc.metadata.namespace.clone().unwrap_or_default(),
-            svc.metadata.name.clone().unwrap_or_default(),
+            svc.metadata.namespace.as_deref().unwrap_or_default(),
+            svc.metadata.name.as_deref().unwrap_or_default(),
         );
+        // One copy of the name for the key and every port (the state's keys and the
+        // dataplanes' clone it too).
+        let key = self.shared_key(key);
+        for p in &mut ports {
+            p.name.service = key.clone();
+        }
         Ok(self.set_service(key, ports))
+    }
+
+    /// `key` with the strings of the same key already held, if any.
+    fn shared_key(&self, key: NamespacedName) -> NamespacedName {
+        match self.desired_services.get_key_value(&key) {
+            Some((k, _)) => k.clone(),
+            None => match self.slices.get_key_value(&key) {
+                Some((k, _)) => k.clone(),
+                None => key,
+            },
+        }
     }
 
     /// Records a Service deletion.
@@ -240,11 +257,21 @@ impl ChangeTracker {
         slice: &EndpointSlice,
         warnings: &mut Vec<String>,
     ) -> Result<bool, ConvertError> {
-        let key = NamespacedName::new(
-            slice.metadata.namespace.clone().unwrap_or_default(),
-            slice.metadata.name.clone().unwrap_or_default(),
+        let mut key = NamespacedName::new(
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.metadata.name.as_deref().unwrap_or_default(),
         );
-        let converted = endpoints_from_slice(slice, self.family, &self.node_name, warnings)?;
+        let mut converted = endpoints_from_slice(slice, self.family, &self.node_name, warnings)?;
+        // Names shared with the service's and the slice's earlier keys.
+        if let Some(c) = converted.as_mut() {
+            c.service = self.shared_key(c.service.clone());
+            if key.namespace == c.service.namespace {
+                key.namespace = c.service.namespace.clone();
+            }
+        }
+        if let Some((k, _)) = self.slice_owner.get_key_value(&key) {
+            key = k.clone();
+        }
         Ok(self.set_slice(key, converted))
     }
 
