@@ -29,5 +29,9 @@ pub async fn build_client(settings: &kp_config::Settings) -> anyhow::Result<Clie
             .parse()
             .with_context(|| format!("--master {master:?}"))?;
     }
+    // The watchers back off and retry on their own. The client's built-in retries (15
+    // attempts over ~3 minutes for 429/503/504) would also swallow the 504 "Too large
+    // resource version" that tells a watcher to relist after etcd was restored.
+    config.default_retry = false;
     Client::try_from(config).context("building the API client")
 }

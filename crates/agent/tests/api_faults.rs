@@ -1,5 +1,6 @@
 //! API faults never remove working rules, and changes made during a fault are applied
-//! after it: 100 dropped watches, 500s, a stalled API server, compacted history (410).
+//! after it: 100 dropped watches, 500s, a 30 s stall, compacted history (410), and a
+//! history restored from a backup (resourceVersions going back: 504 "Too large").
 //! Traffic is probed the whole time. Runs in the mode from `KP_PROXY_MODE`. Needs root.
 
 use std::net::{IpAddr, SocketAddr};
@@ -39,6 +40,16 @@ fn setup() -> (Lab, SocketAddr, String) {
     (lab, target, ext)
 }
 
+fn healthz(lab: &Lab) -> u16 {
+    kp_testkit::lab::http_get(
+        &lab.node_ns(1),
+        kp_testkit::lab::localhost(10256),
+        "/healthz",
+    )
+    .map(|(code, _)| code)
+    .unwrap_or(0)
+}
+
 /// After a fault: scaling to 3 is applied (all three pods answer) within `within`.
 fn change_is_applied(lab: &mut Lab, target: SocketAddr, ext: &str, within: Duration) {
     lab.cluster.scale("default", "redis", 3).unwrap();
@@ -75,12 +86,18 @@ fn server_errors_and_stalls_keep_rules_and_changes_made_meanwhile_apply() {
     lab.emulator.drop_watches();
     let r = probe_tcp(&ext, target, 20, T).unwrap();
     assert_eq!(r.total_ok(), 20, "{r}");
-    // A stalled API server; a change made while it stalls.
-    lab.emulator.set_stall(Some(Duration::from_secs(4)));
+    // A stalled API server (every request waits 30 s); a change made while it stalls.
+    // Nothing queued is left unapplied, so /healthz stays 200 throughout.
+    lab.emulator.set_stall(Some(Duration::from_secs(30)));
     lab.emulator.drop_watches();
     lab.cluster.scale("default", "redis", 3).unwrap();
-    let r = probe_tcp(&ext, target, 20, T).unwrap();
-    assert_eq!(r.total_ok(), 20, "rules kept while the API stalls: {r}");
+    let stalled = std::time::Instant::now();
+    while stalled.elapsed() < Duration::from_secs(25) {
+        let r = probe_tcp(&ext, target, 10, T).unwrap();
+        assert_eq!(r.total_ok(), 10, "rules kept while the API stalls: {r}");
+        assert_eq!(healthz(&lab), 200, "/healthz during the stall");
+        std::thread::sleep(Duration::from_secs(2));
+    }
     lab.emulator.set_stall(None);
     // History compacted as after an API server restart: resumes get 410 and relist.
     lab.emulator.compact();
@@ -98,5 +115,27 @@ fn server_errors_and_stalls_keep_rules_and_changes_made_meanwhile_apply() {
     assert!(
         lab.emulator.request_log().iter().any(|r| r.status == 500),
         "500s were served"
+    );
+}
+
+#[test]
+fn restored_history_is_relisted_and_changes_after_it_apply() {
+    let (mut lab, target, ext) = setup();
+    // etcd restored from a backup: same objects, resourceVersions far below what the
+    // watchers hold. Resuming gets 504 "Too large resource version"; only a relist helps.
+    lab.emulator.restore_with_new_history();
+    let r = probe_tcp(&ext, target, 20, T).unwrap();
+    assert_eq!(r.total_ok(), 20, "rules kept after the restore: {r}");
+    let t0 = std::time::Instant::now();
+    change_is_applied(&mut lab, target, &ext, Duration::from_secs(30));
+    eprintln!("change after the restore applied in {:?}", t0.elapsed());
+    assert!(
+        lab.proxy_log(1).contains("history was reset; relisting"),
+        "{}",
+        lab.proxy_log(1)
+    );
+    assert!(
+        lab.emulator.request_log().iter().any(|r| r.status == 504),
+        "the emulator answered 504 to a resume from the old history"
     );
 }

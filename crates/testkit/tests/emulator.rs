@@ -19,7 +19,7 @@ use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
 
 use support::{
-    Mirror, client, client_for, endpoint_slice, service, start, start_with,
+    Mirror, client, client_for, client_without_retries, endpoint_slice, service, start, start_with,
     upstream_service_config, wait_until,
 };
 
@@ -304,6 +304,68 @@ async fn compaction_gives_410_and_watcher_relists_and_converges() {
         mirror.errors.load(Ordering::SeqCst) >= 1,
         "the 410 surfaced as an error"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_history_makes_old_versions_too_large() {
+    let emulator = start();
+    for name in ["one", "two", "three"] {
+        emulator
+            .apply(service("ns", name, json!({}), None))
+            .expect("apply");
+    }
+    // Updates push the counter well past the object count.
+    for i in 0..5 {
+        emulator
+            .apply(service("ns", "one", json!({"round": i.to_string()}), None))
+            .expect("apply");
+    }
+    let api: Api<Service> = Api::all(client_without_retries(&emulator).await);
+    let old_rv = emulator.resource_version();
+    emulator.restore_with_new_history();
+    let current = emulator.resource_version();
+    assert!(current < old_rv, "{current} < {old_rv}");
+    // The objects survive, renumbered at or below the new counter.
+    let listed = api.list(&Default::default()).await.expect("list");
+    assert_eq!(listed.items.len(), 3);
+    assert_eq!(listed.metadata.resource_version, Some(current.to_string()));
+    for item in &listed.items {
+        let rv: u64 = item
+            .metadata
+            .resource_version
+            .as_ref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(rv <= current);
+    }
+    match api
+        .watch(&WatchParams::default(), &old_rv.to_string())
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 504);
+            assert_eq!(status.reason, "Timeout");
+            assert_eq!(
+                status.message,
+                format!("Too large resource version: {old_rv}, current: {current}")
+            );
+        }
+        Err(other) => panic!("expected a 504 Status, got {other:?}"),
+        Ok(_) => panic!("a watch from a version the server never reached was accepted"),
+    }
+    // Watching from the new history works.
+    let mut resumed = api
+        .watch(&WatchParams::default().timeout(1), &current.to_string())
+        .await
+        .expect("watch from the new history")
+        .boxed();
+    while let Some(event) = resumed.try_next().await.expect("no error") {
+        assert!(
+            matches!(event, WatchEvent::Bookmark(_)),
+            "nothing happened since the restore: {event:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

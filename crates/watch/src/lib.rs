@@ -35,6 +35,9 @@ pub enum ObjectEvent<K> {
     Synced,
 }
 
+/// The API server's answer to a watch from a resourceVersion it has not reached.
+const TOO_LARGE_RESOURCE_VERSION: &str = "Too large resource version";
+
 /// Watcher configuration for Services.
 pub fn service_config() -> watcher::Config {
     watcher::Config::default()
@@ -73,7 +76,9 @@ pub async fn run_watcher<K>(
     let mut known: HashSet<(Option<String>, String)> = HashSet::new();
     let mut relist: Option<HashSet<(Option<String>, String)>> = None;
     let mut synced = false;
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher::watcher(api.clone(), config.clone())
+        .default_backoff()
+        .boxed();
     while let Some(item) = stream.next().await {
         match item {
             Ok(Event::Init) => relist = Some(HashSet::new()),
@@ -110,8 +115,23 @@ pub async fn run_watcher<K>(
                 on_event(ObjectEvent::Deleted { namespace, name });
             }
             Err(e) => {
+                let error = error_chain(&e);
+                if error.contains(TOO_LARGE_RESOURCE_VERSION) {
+                    // The server's history went back (etcd restored from a backup): resuming
+                    // from our version can never work. Relist from scratch, as client-go's
+                    // reflector does; the relist deletes only what really disappeared.
+                    tracing::warn!(
+                        kind,
+                        error,
+                        "API server's resourceVersion history was reset; relisting"
+                    );
+                    stream = watcher::watcher(api.clone(), config.clone())
+                        .default_backoff()
+                        .boxed();
+                    continue;
+                }
                 // Retried with backoff by the stream; state is kept as it is.
-                tracing::warn!(kind, error = %error_chain(&e), "watch failed; retrying, rules are kept");
+                tracing::warn!(kind, error, "watch failed; retrying, rules are kept");
             }
         }
     }

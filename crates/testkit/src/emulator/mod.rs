@@ -481,6 +481,13 @@ impl Emulator {
         self.shared.store().compact();
     }
 
+    /// Simulates an API server whose etcd was restored from a backup: same objects, a
+    /// new, lower resourceVersion history; open watches end.
+    pub fn restore_with_new_history(&self) {
+        self.shared.store().restore_with_new_history();
+        self.drop_watches();
+    }
+
     /// The next `count` resource requests answer `status` with a Status body.
     /// Discovery, /version and health endpoints are not affected.
     pub fn set_fail_requests(&self, count: u32, status: u16) {

@@ -86,6 +86,16 @@ impl ApiError {
         .with_reason("Expired")
     }
 
+    /// A watch from a resourceVersion the server has not reached (504, as the API
+    /// server's watch cache answers after waiting for it).
+    pub fn too_large_resource_version(requested: u64, current: u64) -> Self {
+        Self::new(
+            504,
+            format!("Too large resource version: {requested}, current: {current}"),
+        )
+        .with_reason("Timeout")
+    }
+
     /// The `Status` JSON object for this error.
     pub fn to_status(&self) -> Value {
         let mut status = json!({

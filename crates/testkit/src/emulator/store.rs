@@ -241,6 +241,24 @@ impl Store {
         self.notify.send_replace(self.resource_version);
     }
 
+    /// As after etcd is restored from a backup: the same objects, renumbered from 1, and a
+    /// resourceVersion counter at half of what clients have seen. Resuming from a version
+    /// above it is "too large" now; clients must relist.
+    pub fn restore_with_new_history(&mut self) {
+        let rv = (self.resource_version / 2).max(1);
+        for (i, object) in self.objects.values_mut().enumerate() {
+            let object_rv = (i as u64 + 1).min(rv);
+            if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+                metadata.insert("resourceVersion".into(), json!(object_rv.to_string()));
+            }
+        }
+        self.resource_version = rv;
+        self.history.clear();
+        self.history_floor = rv;
+        self.resume_floor = rv;
+        self.notify.send_replace(self.resource_version);
+    }
+
     fn next_resource_version(&mut self) -> u64 {
         self.resource_version += 1;
         self.resource_version

@@ -109,6 +109,12 @@ pub fn start_watch(
 ) -> Result<Response<Body>, ApiError> {
     let mut request = parse_watch_request(target, query)?;
     request.table = table;
+    if let WatchStart::After(rv) = request.start {
+        let current = shared.store().resource_version();
+        if rv > current {
+            return Err(ApiError::too_large_resource_version(rv, current));
+        }
+    }
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     shared.open_watches.fetch_add(1, Ordering::SeqCst);
     let guard = OpenWatchGuard(shared.clone());

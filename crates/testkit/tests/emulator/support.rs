@@ -33,6 +33,18 @@ pub async fn client_for(kubeconfig_yaml: &str) -> Client {
     Client::try_from(config).expect("kube client")
 }
 
+/// A client that surfaces 429/503/504 at once instead of retrying them (as the proxy's).
+pub async fn client_without_retries(emulator: &Emulator) -> Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::from_yaml(&emulator.kubeconfig_yaml(&emulator.url()))
+            .expect("kubeconfig parses");
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kube config");
+    config.default_retry = false;
+    Client::try_from(config).expect("kube client")
+}
+
 pub async fn client(emulator: &Emulator) -> Client {
     client_for(&emulator.kubeconfig_yaml(&emulator.url())).await
 }
