@@ -36,6 +36,30 @@ pub fn service_chain(prefix: &str, name: &ServicePortName) -> String {
     with_hash(prefix, &service_base(name))
 }
 
+/// [`service_chain`] for several prefixes of one service port, hashing its base once.
+pub struct ServiceChains {
+    base: String,
+    hash: String,
+}
+
+impl ServiceChains {
+    pub fn new(name: &ServicePortName) -> Self {
+        let base = service_base(name);
+        let hash = hash8(&base);
+        ServiceChains { base, hash }
+    }
+
+    /// Equals `service_chain(prefix, name)`.
+    pub fn chain(&self, prefix: &str) -> String {
+        let mut s = format!("{prefix}{}-{}", self.hash, self.base);
+        if s.len() > 240 {
+            s.truncate(237);
+            s.push_str("...");
+        }
+        s
+    }
+}
+
 /// `endpoint-…` chain (and, with prefix `affinity-`, the affinity set) of an endpoint:
 /// base `ns/name/proto/port__ip/port`, IPv6 colons written as dots.
 pub fn endpoint_object(
@@ -82,5 +106,20 @@ mod tests {
         ));
         assert!(!is_safe_name("a\"b"));
         assert!(!is_safe_name("a b"));
+    }
+
+    #[test]
+    fn service_chains_equal_service_chain_short_and_truncated() {
+        for (ns, name, port) in [("ns1", "svc1", "p80"), ("n", &"x".repeat(250), "")] {
+            let n = ServicePortName {
+                service: NamespacedName::new(ns, name),
+                port: port.into(),
+                protocol: Protocol::Udp,
+            };
+            let c = ServiceChains::new(&n);
+            for prefix in ["service-", "local-", "external-", "firewall-"] {
+                assert_eq!(c.chain(prefix), service_chain(prefix, &n));
+            }
+        }
     }
 }

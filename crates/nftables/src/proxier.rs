@@ -352,6 +352,12 @@ impl<R: CommandRunner> NftProxier<R> {
                         && !(set.starts_with(NODEPORT_ENDPOINTS) && k.starts_with(&slot_prefix))
                 });
             }
+            if kept.ports.len() == 1 {
+                // One port: its objects are the service's (no merge to copy them into).
+                o.report = std::mem::take(&mut merged.report);
+                merged = o;
+                break;
+            }
             merged.chains.extend(o.chains);
             merged.elements.extend(o.elements);
             merged.affinity_sets.extend(o.affinity_sets);

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use kp_dataplane::{LocalDetector, NodePortAddresses};
 use kp_model::{CategorizedEndpoints, IpFamily, Protocol, ServicePort};
 
-use crate::names::{endpoint_object, service_chain};
+use crate::names::{ServiceChains, endpoint_object};
 
 pub const TABLE: &str = "kube-proxy";
 pub const SERVICE_IPS: &str = "service-ips";
@@ -443,13 +443,22 @@ pub fn render_service(
     let f = cfg.nft_family();
     let mut o = ServiceObjects::default();
     let proto = svc.protocol.lower();
-    let cluster_chain = service_chain("service-", &svc.name);
-    let local_chain = service_chain("local-", &svc.name);
-    let ext_chain = service_chain("external-", &svc.name);
-    let fw_chain = service_chain("firewall-", &svc.name);
     let affinity = svc.session_affinity_timeout.is_some();
     let per_service_chains = affinity || (svc.external_policy_local && svc.externally_accessible());
     let shared = !per_service_chains;
+    let uses_fw =
+        cat.has_any && svc.externally_accessible() && !svc.load_balancer_source_ranges.is_empty();
+    // Chain names (a hash each) only where they are used: a service on the shared
+    // pickers has at most a firewall chain.
+    let names = (per_service_chains || uses_fw).then(|| ServiceChains::new(&svc.name));
+    let name = |prefix: &str, used: bool| match &names {
+        Some(n) if used => n.chain(prefix),
+        _ => String::new(),
+    };
+    let cluster_chain = name("service-", per_service_chains);
+    let local_chain = name("local-", per_service_chains);
+    let ext_chain = name("external-", per_service_chains);
+    let fw_chain = name("firewall-", uses_fw);
     let internal_chain = if svc.internal_policy_local {
         &local_chain
     } else {
@@ -475,8 +484,6 @@ pub fn render_service(
     let uses_cluster_chain = !shared && !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
     let uses_local_chain = !shared && !cat.local.is_empty() && svc.uses_local_endpoints();
     let uses_ext_chain = !shared && cat.has_any && svc.externally_accessible();
-    let uses_fw =
-        cat.has_any && svc.externally_accessible() && !svc.load_balancer_source_ranges.is_empty();
     let no_ep_verdict = if cat.has_any {
         "drop".to_string()
     } else {
