@@ -91,8 +91,12 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
     }
     let synced = wait_for(Duration::from_secs(30), || {
         let (_, m) = http_get(&lab.node_ns(1), localhost(10249), "/metrics").ok()?;
+        // The IPv4 family's sync: the IPv6 one may finish first.
         m.lines()
-            .find(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds"))
+            .find(|l| {
+                l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                    && l.contains("ip_family=\"IPv4\"")
+            })
             .map(|_| ())
     });
     if synced.is_none() {
