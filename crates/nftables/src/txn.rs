@@ -168,8 +168,8 @@ impl Tx {
 pub struct ElementLines {
     /// Per set: the items of its unfinished line, and how many.
     open: std::collections::BTreeMap<String, (String, usize)>,
-    /// Finished lines: set name, then the items.
-    lines: Vec<(String, String)>,
+    /// Finished lines, `<set> <items>` each (one buffer: no allocation per line).
+    lines: String,
 }
 
 impl ElementLines {
@@ -191,7 +191,10 @@ impl ElementLines {
         }
         *n += 1;
         if *n == ELEMENTS_PER_LINE {
-            self.lines.push((set.to_string(), std::mem::take(items)));
+            for part in [set, " ", items.as_str(), "\n"] {
+                self.lines.push_str(part);
+            }
+            items.clear();
             *n = 0;
         }
     }
@@ -200,10 +203,11 @@ impl ElementLines {
         let f = tx.family;
         let rest = self
             .open
-            .into_iter()
+            .iter()
             .filter(|(_, (_, n))| *n > 0)
-            .map(|(set, (items, _))| (set, items));
-        for (set, items) in self.lines.into_iter().chain(rest) {
+            .map(|(set, (items, _))| (set.as_str(), items.as_str()));
+        let done = self.lines.lines().filter_map(|l| l.split_once(' '));
+        for (set, items) in done.chain(rest) {
             tx.line(format_args!("add element {f} {TABLE} {set} {{ {items} }}"));
         }
     }
