@@ -107,8 +107,6 @@ fn healthz(lab: &Lab) -> u16 {
 #[test]
 fn held_xtables_lock_delays_changes_and_drops_no_connection() {
     use std::os::fd::AsRawFd;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Instant;
 
     let mut lab = new_lab(1);
@@ -138,32 +136,13 @@ fn held_xtables_lock_delays_changes_and_drops_no_connection() {
     lab.proxy_env
         .push(("XTABLES_LOCKFILE".into(), lock_path.display().to_string()));
     // Short sync periods, so the canary check also runs into the held lock.
-    let config = lab.workdir().join("config.yaml");
-    std::fs::write(
-        &config,
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
-         iptables:\n  syncPeriod: 1s\nnftables:\n  syncPeriod: 1s\n",
-    )
-    .unwrap();
-    start(&mut lab, 1, &[&format!("--config={}", config.display())]);
+    let config = short_sync_period_config(&lab);
+    start(&mut lab, 1, &[&config]);
     let ext = ext_ns(&lab);
     let web = svc_addr(&lab, "default", "web", 80);
     wait_serving(&lab, &ext, web, SETTLE);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let prober = {
-        let (stop, ok, failed, ext) = (stop.clone(), ok.clone(), failed.clone(), ext.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                match kp_testkit::probe::tcp_connect_once(&ext, web, Duration::from_secs(1)) {
-                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
-                };
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
+    let prober = Prober::start(&ext, web, Duration::from_millis(10));
 
     // SAFETY: flock on a file this test owns; released by LOCK_UN below.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
@@ -213,14 +192,12 @@ fn held_xtables_lock_delays_changes_and_drops_no_connection() {
         .is_some(),
         "/healthz stays 503 after the change was applied"
     );
-    stop.store(true, Ordering::SeqCst);
-    prober.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    eprintln!("web prober: {ok} ok, {failed} failed");
+    let (ok, errors) = prober.stop();
+    eprintln!("web prober: {ok} ok, {} failed", errors.len());
     assert!(ok > 100, "prober made only {ok} connections");
-    assert_eq!(
-        failed, 0,
-        "connections to web failed while the lock was held"
+    assert!(
+        errors.is_empty(),
+        "connections to web failed while the lock was held: {errors:?}"
     );
     let (_, m) = http_get(&lab.node_ns(1), localhost(10249), "/metrics").unwrap();
     assert_eq!(
@@ -241,14 +218,8 @@ fn full_conntrack_table_is_reported_once_and_syncs_go_on() {
     const FULL: &str = "kubeproxy_conntrack_table_full_total";
     let mut lab = new_lab(1);
     deploy(&mut lab, "web", "web", 1, Some(serde_json::json!({})));
-    let config = lab.workdir().join("config.yaml");
-    std::fs::write(
-        &config,
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
-         iptables:\n  syncPeriod: 1s\nnftables:\n  syncPeriod: 1s\n",
-    )
-    .unwrap();
-    start(&mut lab, 1, &[&format!("--config={}", config.display())]);
+    let config = short_sync_period_config(&lab);
+    start(&mut lab, 1, &[&config]);
     let ext = ext_ns(&lab);
     let web = svc_addr(&lab, "default", "web", 80);
     wait_serving(&lab, &ext, web, SETTLE);

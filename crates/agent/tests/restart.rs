@@ -4,12 +4,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kp_testkit::lab::{Lab, wait_for};
 use kp_testkit::probe::tcp_connect_once;
+
+mod common;
+
+use common::Prober;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
 const REDIS: &str = include_str!("../../../examples/redis.yaml");
@@ -41,25 +43,7 @@ fn restarts_drop_no_connection() {
         .is_some()
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let prober = {
-        let (stop, ok, failed, ext) = (stop.clone(), ok.clone(), failed.clone(), ext.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                match tcp_connect_once(&ext, target, Duration::from_secs(1)) {
-                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                    Err(e) => {
-                        errors.push(e.to_string());
-                        failed.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            errors
-        })
-    };
+    let prober = Prober::start(&ext, target, Duration::from_millis(5));
     for kill in [false, true, false] {
         std::thread::sleep(Duration::from_millis(700));
         lab.stop_proxy(1, kill);
@@ -67,14 +51,11 @@ fn restarts_drop_no_connection() {
         lab.start_proxy(Path::new(BIN), 1, &[&mode]).unwrap();
     }
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::SeqCst);
-    let errors = prober.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    eprintln!("restart prober: {ok} ok, {failed} failed");
+    let (ok, errors) = prober.stop();
+    eprintln!("restart prober: {ok} ok, {} failed", errors.len());
     assert!(ok > 100, "prober made {ok} connections");
-    assert_eq!(
-        failed,
-        0,
+    assert!(
+        errors.is_empty(),
         "failed connections during restarts: {errors:?}\n{}",
         lab.proxy_log(1)
     );

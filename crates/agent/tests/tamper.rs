@@ -77,14 +77,8 @@ fn delete_service_chain(lab: &Lab) {
 fn rules_removed_by_others_are_restored_counted_and_logged_once() {
     let mut lab = new_lab(1);
     deploy(&mut lab, "web", "web", 2, Some(serde_json::json!({})));
-    let config = lab.workdir().join("tamper-config.yaml");
-    std::fs::write(
-        &config,
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
-         iptables:\n  syncPeriod: 1s\nnftables:\n  syncPeriod: 1s\n",
-    )
-    .unwrap();
-    start(&mut lab, 1, &[&format!("--config={}", config.display())]);
+    let config = short_sync_period_config(&lab);
+    start(&mut lab, 1, &[&config]);
     let target = svc_addr(&lab, "default", "web", 80);
     let ext = ext_ns(&lab);
     wait_serving(&lab, &ext, target, Duration::from_secs(20));

@@ -9,13 +9,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
 use kp_testkit::lab::Lab;
-use kp_testkit::probe::tcp_connect_once;
 
 /// Rules of ours that appear more than once in a chain, and (nftables) our table more
 /// than once.
@@ -85,25 +82,7 @@ fn upgrade_and_rollback_drop_no_connection_and_double_nothing() {
     let web = svc_addr(&lab, "default", "web", 80);
     wait_serving(&lab, &ext, web, SETTLE);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let prober = {
-        let (stop, ok, failed, ext) = (stop.clone(), ok.clone(), failed.clone(), ext.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                match tcp_connect_once(&ext, web, Duration::from_secs(1)) {
-                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                    Err(e) => {
-                        errors.push(e.to_string());
-                        failed.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            errors
-        })
-    };
+    let prober = Prober::start(&ext, web, Duration::from_millis(5));
 
     // old -> new -> old, each followed by a change the running build must program (scale
     // up: pods removed without graceful termination would fail connections by themselves).
@@ -134,10 +113,15 @@ fn upgrade_and_rollback_drop_no_connection_and_double_nothing() {
         wait_answered_by(&lab, &ext, web, &want, "after the switch");
     }
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let errors = prober.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    eprintln!("upgrade and rollback prober: {ok} ok, {failed} failed");
+    let (ok, errors) = prober.stop();
+    eprintln!(
+        "upgrade and rollback prober: {ok} ok, {} failed",
+        errors.len()
+    );
     assert!(ok > 100, "prober made {ok} connections");
-    assert_eq!(failed, 0, "failed connections: {errors:?}\n{}", logs(&lab));
+    assert!(
+        errors.is_empty(),
+        "failed connections: {errors:?}\n{}",
+        logs(&lab)
+    );
 }

@@ -554,3 +554,51 @@ pub fn metric_on(lab: &Lab, n: usize, name: &str, labels: &[&str]) -> Option<f64
     let (_, text) = http_get(&lab.node_ns(n), localhost(10249), "/metrics").ok()?;
     metric_samples(&text, name, labels)
 }
+
+// ---------------------------------------------------------------- long-running checks
+
+/// `--config=` of a KubeProxyConfiguration with 1 s sync periods (both modes), so canary
+/// and drift checks run often.
+pub fn short_sync_period_config(lab: &Lab) -> String {
+    let path = lab.workdir().join("short-sync-period.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         iptables:\n  syncPeriod: 1s\nnftables:\n  syncPeriod: 1s\n",
+    )
+    .expect("write config");
+    format!("--config={}", path.display())
+}
+
+/// Opens a new TCP connection to `target` from `ns` every `every` until stopped.
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Prober {
+    pub fn start(ns: &str, target: SocketAddr, every: Duration) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (stop, ns) = (stop.clone(), ns.to_string());
+            std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match tcp_connect_once(&ns, target, Duration::from_secs(1)) {
+                        Ok(_) => ok += 1,
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    std::thread::sleep(every);
+                }
+                (ok, errors)
+            })
+        };
+        Prober { stop, thread }
+    }
+
+    /// Stops probing; returns the successful connections and the errors of failed ones.
+    pub fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("prober thread")
+    }
+}
