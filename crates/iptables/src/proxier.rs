@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
@@ -153,7 +154,7 @@ fn jump_args(j: &Jump) -> Vec<String> {
 
 /// iptables mode for one IP family.
 pub struct IptablesProxier<R: CommandRunner> {
-    runner: R,
+    runner: Arc<R>,
     cfg: IptablesConfig,
     tools: Tools,
     needs_full: bool,
@@ -165,6 +166,15 @@ pub struct IptablesProxier<R: CommandRunner> {
     written: WrittenRules,
     /// The drift check lists whole tables: it runs at most every 100x its own cost.
     next_drift_check: Option<Instant>,
+    drift_listing: Option<DriftListing>,
+    /// Bumped by every restore attempt: tells a drift listing it may be stale.
+    generation: u64,
+}
+
+/// An `iptables-save` of the nat and filter tables running on its own thread.
+struct DriftListing {
+    generation: u64,
+    thread: std::thread::JoinHandle<(Vec<(&'static str, String)>, Duration)>,
 }
 
 /// How many rules each of our chains holds after the restores applied so far, per table,
@@ -245,11 +255,11 @@ impl WrittenRules {
     }
 }
 
-impl<R: CommandRunner> IptablesProxier<R> {
+impl<R: CommandRunner + 'static> IptablesProxier<R> {
     pub fn new(runner: R, cfg: IptablesConfig) -> Self {
         let tools = Tools::for_family(cfg.family);
         IptablesProxier {
-            runner,
+            runner: Arc::new(runner),
             cfg,
             tools,
             needs_full: true,
@@ -257,6 +267,8 @@ impl<R: CommandRunner> IptablesProxier<R> {
             rule_counts: HashMap::new(),
             written: WrittenRules::default(),
             next_drift_check: None,
+            drift_listing: None,
+            generation: 0,
         }
     }
 
@@ -308,29 +320,54 @@ impl<R: CommandRunner> IptablesProxier<R> {
     }
 
     /// Compares the nat and filter tables with what we wrote (a deleted or flushed
-    /// KUBE-SVC chain, say, which the canary does not see). Listing a table costs seconds
-    /// at 10k services, so the check runs at most every 100x its last duration (<= 1% of a
-    /// core).
+    /// KUBE-SVC chain, say, which the canary does not see). Listing the tables takes about
+    /// a second at 1k services with iptables-nft, so it runs on its own thread (the sync
+    /// thread only starts it and reads the answer at the next check) and at most every 100x
+    /// its duration (<= 1% of a core). A listing taken while a sync changed the rules is
+    /// thrown away.
     fn drift_check(&mut self) -> Option<String> {
-        let now = Instant::now();
-        if self.next_drift_check.is_some_and(|t| now < t) {
+        if let Some(listing) = self.drift_listing.take() {
+            if !listing.thread.is_finished() {
+                self.drift_listing = Some(listing);
+                return None;
+            }
+            let (tables, cost) = listing.thread.join().unwrap_or_default();
+            self.next_drift_check =
+                Some(Instant::now() + (cost * 100).max(Duration::from_millis(100)));
+            if listing.generation != self.generation {
+                return None;
+            }
+            return tables
+                .iter()
+                .find_map(|(table, text)| self.written.missing(table, text));
+        }
+        if self.next_drift_check.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        let mut found = None;
-        for table in ["nat", "filter"] {
-            match self.runner.run(&self.tools.save, &["-t", table], None) {
-                Ok(out) if out.success() => {
-                    found = self.written.missing(table, &out.stdout);
-                }
-                _ => {}
+        let (runner, save) = (self.runner.clone(), self.tools.save.clone());
+        let thread = std::thread::Builder::new()
+            .name("iptables-drift".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let tables = ["nat", "filter"]
+                    .into_iter()
+                    .filter_map(|table| match runner.run(&save, &["-t", table], None) {
+                        Ok(out) if out.success() => Some((table, out.stdout)),
+                        _ => None,
+                    })
+                    .collect();
+                (tables, started.elapsed())
+            });
+        match thread {
+            Ok(thread) => {
+                self.drift_listing = Some(DriftListing {
+                    generation: self.generation,
+                    thread,
+                })
             }
-            if found.is_some() {
-                break;
-            }
+            Err(e) => tracing::debug!(error = %e, "cannot start the drift listing"),
         }
-        let cost = now.elapsed();
-        self.next_drift_check = Some(Instant::now() + (cost * 100).max(Duration::from_millis(100)));
-        found
+        None
     }
 
     /// Per-service chains present in the kernel (full syncs only: it lists the table).
@@ -395,7 +432,7 @@ fn apply_error(tool: &str, stderr: &str, input: Option<&str>) -> SyncError {
     }
 }
 
-impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
+impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
     fn mode(&self) -> &'static str {
         "iptables"
     }
@@ -423,6 +460,7 @@ impl<R: CommandRunner> Dataplane for IptablesProxier<R> {
             &self.rule_counts,
         );
         let applying = std::time::Instant::now();
+        self.generation += 1;
         self.restore(&rendered.text)?;
         let apply_time = applying.elapsed();
         if full {
