@@ -41,58 +41,6 @@ impl ProxyState {
     pub fn endpoint_count(&self) -> usize {
         self.endpoints.values().map(|v| v.len()).sum()
     }
-
-    /// Makes this state's entries for `services` equal to `source`'s: O(changed service
-    /// ports), so a sync loop can keep its own copy without cloning the whole state.
-    /// Returns how many endpoints this state gained (negative: lost), so a caller can keep
-    /// [`ProxyState::endpoint_count`] without recounting.
-    pub fn copy_services_from<'a>(
-        &mut self,
-        source: &ProxyState,
-        services: impl IntoIterator<Item = &'a NamespacedName>,
-    ) -> isize {
-        let mut delta = 0isize;
-        for svc in services {
-            let lo = ServicePortName {
-                service: svc.clone(),
-                port: String::new(),
-                protocol: Protocol::Tcp,
-            };
-            let in_svc = |k: &ServicePortName| k.service == *svc;
-            let old: Vec<ServicePortName> = self
-                .services
-                .range(lo.clone()..)
-                .take_while(|(k, _)| in_svc(k))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in old {
-                self.services.remove(&k);
-            }
-            let old: Vec<ServicePortName> = self
-                .endpoints
-                .range(lo.clone()..)
-                .take_while(|(k, _)| in_svc(k))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in old {
-                if let Some(v) = self.endpoints.remove(&k) {
-                    delta -= v.len() as isize;
-                }
-            }
-            for (k, v) in source
-                .services
-                .range(lo.clone()..)
-                .take_while(|(k, _)| in_svc(k))
-            {
-                self.services.insert(k.clone(), v.clone());
-            }
-            for (k, v) in source.endpoints.range(lo..).take_while(|(k, _)| in_svc(k)) {
-                delta += v.len() as isize;
-                self.endpoints.insert(k.clone(), v.clone());
-            }
-        }
-        delta
-    }
 }
 
 /// What one drain found changed.

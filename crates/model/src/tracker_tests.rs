@@ -252,10 +252,12 @@ fn session_affinity_and_policies() {
 }
 
 #[test]
-fn a_copy_kept_by_changed_services_equals_the_state() {
+fn a_state_drained_into_by_changed_services_equals_the_trackers_own() {
+    // `t` drains into its own state, `u` (same updates) into `kept`, as the sync loop does.
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut u = ChangeTracker::new(IpFamily::V4, "node1");
     let mut w = vec![];
-    let mut copy = ProxyState::default();
+    let mut kept = ProxyState::default();
     let svc = |name: &str, ip: &str, ports: &[(&str, u16)]| {
         let ports: Vec<_> = ports
             .iter()
@@ -275,27 +277,31 @@ fn a_copy_kept_by_changed_services_equals_the_state() {
         assert_eq!(a.services, b.services);
         assert_eq!(a.endpoints, b.endpoints);
     };
-    t.update_service(&svc("s1", "10.96.0.1", &[("a", 80), ("b", 81)]), &mut w)
-        .unwrap();
-    t.update_service(&svc("s2", "10.96.0.2", &[("a", 80)]), &mut w)
-        .unwrap();
-    t.update_slice(&eps("s1", "10.244.0.1"), &mut w).unwrap();
+    for x in [&mut t, &mut u] {
+        x.update_service(&svc("s1", "10.96.0.1", &[("a", 80), ("b", 81)]), &mut w)
+            .unwrap();
+        x.update_service(&svc("s2", "10.96.0.2", &[("a", 80)]), &mut w)
+            .unwrap();
+        x.update_slice(&eps("s1", "10.244.0.1"), &mut w).unwrap();
+    }
     let changes = t.drain();
-    let mut count = copy.copy_services_from(t.state(), &changes.services);
-    same(&copy, t.state());
-    assert_eq!(count, t.state().endpoint_count() as isize);
+    assert_eq!(u.drain_into(&mut kept), changes);
+    same(&kept, t.state());
+    assert_eq!(u.drained_endpoint_count(), t.state().endpoint_count());
     // A port goes, a service goes, endpoints move, a service arrives.
-    t.update_service(&svc("s1", "10.96.0.1", &[("a", 80)]), &mut w)
-        .unwrap();
-    t.delete_service("ns", "s2");
-    t.update_slice(&eps("s1", "10.244.0.9"), &mut w).unwrap();
-    t.update_service(&svc("s0", "10.96.0.3", &[("a", 80)]), &mut w)
-        .unwrap();
+    for x in [&mut t, &mut u] {
+        x.update_service(&svc("s1", "10.96.0.1", &[("a", 80)]), &mut w)
+            .unwrap();
+        x.delete_service("ns", "s2");
+        x.update_slice(&eps("s1", "10.244.0.9"), &mut w).unwrap();
+        x.update_service(&svc("s0", "10.96.0.3", &[("a", 80)]), &mut w)
+            .unwrap();
+    }
     let changes = t.drain();
     assert_eq!(changes.services.len(), 3);
-    count += copy.copy_services_from(t.state(), &changes.services);
-    same(&copy, t.state());
-    assert_eq!(count, t.state().endpoint_count() as isize);
+    assert_eq!(u.drain_into(&mut kept), changes);
+    same(&kept, t.state());
+    assert_eq!(u.drained_endpoint_count(), t.state().endpoint_count());
 }
 
 #[test]
