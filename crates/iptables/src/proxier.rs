@@ -161,8 +161,8 @@ pub struct IptablesProxier<R: CommandRunner> {
     /// Per-service nat chains believed to exist in the kernel.
     known_chains: BTreeSet<String>,
     rule_counts: HashMap<NamespacedName, usize>,
-    /// Rules we wrote per (table, chain), keyed by a hash of both: what the drift check
-    /// expects to find in the kernel.
+    /// How many rules we wrote into each of our chains: what the drift check expects to
+    /// find in the kernel.
     written: WrittenRules,
     /// The drift check lists whole tables: it runs at most every 100x its own cost.
     next_drift_check: Option<Instant>,
@@ -193,36 +193,27 @@ impl WrittenRules {
     }
 
     /// Applies what an `iptables-restore --noflush` input does to our chains: a declared
-    /// chain is emptied, `-A` appends, `-X` deletes.
+    /// chain is emptied, `-A` appends, `-X` deletes. Runs over every restore input, so it
+    /// allocates nothing per line.
     fn apply(&mut self, restore_input: &str) {
-        let mut table = None;
+        let hasher = self.hasher.clone();
+        let key = |chain: &str| {
+            let mut h = hasher.build_hasher();
+            h.write(chain.as_bytes());
+            h.finish()
+        };
+        let first_word = |rest: &str| key(rest.split_whitespace().next().unwrap_or_default());
+        let mut chains: Option<&mut HashMap<u64, u32>> = None;
         for line in restore_input.lines() {
             if let Some(t) = line.strip_prefix('*') {
-                table = Some(t.to_string());
-                continue;
-            }
-            let Some(t) = table.as_ref() else { continue };
-            let first_word = |rest: &str| {
-                rest.split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            if let Some(rest) = line.strip_prefix(':') {
-                let k = self.key(&first_word(rest));
-                self.tables.entry(t.clone()).or_default().insert(k, 0);
-            } else if let Some(rest) = line.strip_prefix("-A ") {
-                let k = self.key(&first_word(rest));
-                *self
-                    .tables
-                    .entry(t.clone())
-                    .or_default()
-                    .entry(k)
-                    .or_default() += 1;
-            } else if let Some(rest) = line.strip_prefix("-X ") {
-                let k = self.key(rest.trim());
-                if let Some(chains) = self.tables.get_mut(t) {
-                    chains.remove(&k);
+                chains = Some(self.tables.entry(t.to_string()).or_default());
+            } else if let Some(chains) = chains.as_deref_mut() {
+                if let Some(rest) = line.strip_prefix(':') {
+                    chains.insert(first_word(rest), 0);
+                } else if let Some(rest) = line.strip_prefix("-A ") {
+                    *chains.entry(first_word(rest)).or_default() += 1;
+                } else if let Some(rest) = line.strip_prefix("-X ") {
+                    chains.remove(&key(rest.trim()));
                 }
             }
         }
