@@ -125,54 +125,49 @@ impl Tx {
         &mut self,
         items: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
     ) {
-        self.elements(
-            "add",
-            items.into_iter().map(|(s, k, v)| {
-                (
-                    s,
-                    if v.is_empty() {
-                        k.to_string()
-                    } else {
-                        format!("{k} : {v}")
-                    },
-                )
-            }),
-        );
+        let mut lines = ElementLines::new("add");
+        for (set, key, value) in items {
+            lines.add(set, key, value);
+        }
+        lines.write_to(self);
     }
 
     pub fn delete_elements<'a>(&mut self, items: impl IntoIterator<Item = (&'a str, &'a str)>) {
-        self.elements("delete", items.into_iter().map(|(s, k)| (s, k.to_string())));
-    }
-
-    fn elements<'a>(&mut self, verb: &str, items: impl Iterator<Item = (&'a str, String)>) {
-        let mut by_set: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
-        for (set, item) in items {
-            by_set.entry(set).or_default().push(item);
+        let mut lines = ElementLines::new("delete");
+        for (set, key) in items {
+            lines.add(set, key, "");
         }
-        let f = self.family;
-        for (set, items) in by_set {
-            for chunk in items.chunks(ELEMENTS_PER_LINE) {
-                self.line(format_args!(
-                    "{verb} element {f} {TABLE} {set} {{ {} }}",
-                    chunk.join(", ")
-                ));
-            }
-        }
+        lines.write_to(self);
     }
 }
 
-/// `add element` lines gathered while services are rendered one by one, written to a
-/// [`Tx`] at the end (after the chains their verdicts jump to): per set, up to
-/// [`ELEMENTS_PER_LINE`] items a line, kept as text, not as a string per element.
-#[derive(Default)]
+/// `add element` (or `delete element`) lines, gathered (e.g. while services are rendered
+/// one by one) and written to a [`Tx`] at the end (after the chains their verdicts jump
+/// to): per set, up to [`ELEMENTS_PER_LINE`] items a line, kept as text, not as a string
+/// per element.
 pub struct ElementLines {
+    verb: &'static str,
     /// Per set: the items of its unfinished line, and how many.
     open: std::collections::BTreeMap<String, (String, usize)>,
     /// Finished lines, `<set> <items>` each (one buffer: no allocation per line).
     lines: String,
 }
 
+impl Default for ElementLines {
+    fn default() -> Self {
+        ElementLines::new("add")
+    }
+}
+
 impl ElementLines {
+    pub fn new(verb: &'static str) -> Self {
+        ElementLines {
+            verb,
+            open: Default::default(),
+            lines: String::new(),
+        }
+    }
+
     /// Adds an element (`value` empty for plain sets).
     pub fn add(&mut self, set: &str, key: &str, value: &str) {
         if !self.open.contains_key(set) {
@@ -208,7 +203,10 @@ impl ElementLines {
             .map(|(set, (items, _))| (set.as_str(), items.as_str()));
         let done = self.lines.lines().filter_map(|l| l.split_once(' '));
         for (set, items) in done.chain(rest) {
-            tx.line(format_args!("add element {f} {TABLE} {set} {{ {items} }}"));
+            tx.line(format_args!(
+                "{} element {f} {TABLE} {set} {{ {items} }}",
+                self.verb
+            ));
         }
     }
 }
