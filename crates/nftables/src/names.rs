@@ -22,7 +22,12 @@ pub fn service_base(name: &ServicePortName) -> String {
 }
 
 fn with_hash(prefix: &str, base: &str) -> String {
-    let mut s = format!("{prefix}{}-{base}", hash8(base));
+    hashed_name(prefix, &hash8(base), base)
+}
+
+/// `<prefix><hash>-<base>`, truncated as upstream does.
+fn hashed_name(prefix: &str, hash: &str, base: &str) -> String {
+    let mut s = format!("{prefix}{hash}-{base}");
     // Kernel object names are limited; upstream truncates long ones the same way.
     if s.len() > 240 {
         s.truncate(237);
@@ -51,12 +56,7 @@ impl ServiceChains {
 
     /// Equals `service_chain(prefix, name)`.
     pub fn chain(&self, prefix: &str) -> String {
-        let mut s = format!("{prefix}{}-{}", self.hash, self.base);
-        if s.len() > 240 {
-            s.truncate(237);
-            s.push_str("...");
-        }
-        s
+        hashed_name(prefix, &self.hash, &self.base)
     }
 }
 
