@@ -370,7 +370,10 @@ async fn wait_for_node(watchers: &Watchers, node_name: &str, need_pod_cidrs: boo
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %kp_watch::error_chain(&e), "waiting for own Node object")
+                tracing::warn!(
+                    error = kp_watch::error_chain(&e),
+                    "waiting for own Node object"
+                )
             }
         }
         if tokio::time::Instant::now() >= deadline {

@@ -30,7 +30,7 @@ impl EventSink {
         let recorder = self.recorder.clone();
         self.handle.spawn(async move {
             if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(error = %kp_watch::error_chain(&e), reason = %ev.reason, "cannot publish event");
+                tracing::warn!(error = kp_watch::error_chain(&e), reason = %ev.reason, "cannot publish event");
             }
         });
     }

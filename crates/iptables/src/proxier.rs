@@ -484,7 +484,7 @@ impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
                 Ok(out) if out.success() => {}
                 Ok(out) if out.status == RESOURCE_PROBLEM => {
                     // The xtables lock is held by someone else: no answer, not a flush.
-                    tracing::info!(table, error = %out.stderr.trim(), "canary check skipped");
+                    tracing::info!(table, error = out.stderr.trim(), "canary check skipped");
                     return false;
                 }
                 _ => {
