@@ -1,4 +1,5 @@
-//! Security defaults: a config or kubeconfig anyone can write is refused; the API server's
+//! Security defaults: metrics only on the node's loopback; a config or kubeconfig anyone
+//! can write is refused; the API server's
 //! certificate is verified unless the kubeconfig says otherwise; credentials never reach
 //! the log or `/configz`, even with every log level on. Needs root for the lab tests.
 
@@ -116,6 +117,14 @@ fn credentials_stay_out_of_logs_and_configz() {
     wait_serving(&lab, &ext_ns(&lab), target, Duration::from_secs(30));
     let (code, configz) = http_get(&lab.node_ns(1), localhost(10249), "/configz").unwrap();
     assert_eq!(code, 200);
+    // Metrics answer on the node's loopback only; health on every address, by default.
+    let node_ip = node_ip(&lab, 1);
+    assert!(
+        http_get(&ext_ns(&lab), addr(node_ip, 10249), "/metrics").is_err(),
+        "metrics reachable from outside the node"
+    );
+    let (code, _) = http_get(&ext_ns(&lab), addr(node_ip, 10256), "/healthz").unwrap();
+    assert_eq!(code, 200, "healthz from outside the node");
     let token = lab.emulator.token();
     let log = lab.proxy_log(1);
     assert!(
