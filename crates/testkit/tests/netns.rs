@@ -178,9 +178,20 @@ fn pod_server_answers_name_and_peer_and_counts_udp() {
     );
 
     // Dropping the server closes its sockets: connects are now refused by the kernel.
+    // A process forked by a parallel test holds a copy of the listener until it execs, so
+    // a connect in that window is queued and then reset; only "refused" ends the wait.
     drop(server);
-    let err =
-        tcp_connect_once(&client.ns, SocketAddr::new(server_pod.ip, 80), TIMEOUT).unwrap_err();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let err = loop {
+        let err =
+            tcp_connect_once(&client.ns, SocketAddr::new(server_pod.ip, 80), TIMEOUT).unwrap_err();
+        let closing =
+            matches!(&err, ProbeError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        if !closing || std::time::Instant::now() > deadline {
+            break err;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(matches!(err, ProbeError::Refused), "{err:?}");
 }
 
