@@ -38,6 +38,17 @@ pub trait CommandRunner: Send + Sync {
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> Result<CommandOutput, CommandError>;
+
+    /// Like [`CommandRunner::run`], with the program's standard output thrown away (for a
+    /// tool that may print megabytes nobody reads; `stdout` comes back empty).
+    fn run_discarding_stdout(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<CommandOutput, CommandError> {
+        self.run(program, args, stdin)
+    }
 }
 
 /// Runs real programs.
@@ -51,32 +62,50 @@ impl CommandRunner for SystemRunner {
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> Result<CommandOutput, CommandError> {
-        let spawn_err = |source| CommandError::Spawn {
-            program: program.to_string(),
-            source,
-        };
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
-        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // A tool that exits early closes the pipe; its exit status tells why.
-            let _ = pipe.write_all(data);
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        Ok(CommandOutput {
-            status: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        run_system(program, args, stdin, Stdio::piped())
     }
+
+    fn run_discarding_stdout(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<CommandOutput, CommandError> {
+        run_system(program, args, stdin, Stdio::null())
+    }
+}
+
+fn run_system(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    stdout: Stdio,
+) -> Result<CommandOutput, CommandError> {
+    let spawn_err = |source| CommandError::Spawn {
+        program: program.to_string(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A tool that exits early closes the pipe; its exit status tells why.
+        let _ = pipe.write_all(data);
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    Ok(CommandOutput {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 /// One recorded call.

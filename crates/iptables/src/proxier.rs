@@ -169,6 +169,9 @@ pub struct IptablesProxier<R: CommandRunner> {
     drift_listing: Option<DriftListing>,
     /// Bumped by every restore attempt: tells a drift listing it may be stale.
     generation: u64,
+    /// Whether the tools are iptables-nft (asked once), whose restore needs the nat table
+    /// cached whole on full syncs (see `render`).
+    nf_tables_variant: Option<bool>,
 }
 
 /// An `iptables-save` of the nat and filter tables running on its own thread.
@@ -258,6 +261,7 @@ impl<R: CommandRunner + 'static> IptablesProxier<R> {
             rule_counts: HashMap::new(),
             written: WrittenRules::default(),
             next_drift_check: None,
+            nf_tables_variant: None,
             drift_listing: None,
             generation: 0,
         }
@@ -377,8 +381,20 @@ impl<R: CommandRunner + 'static> IptablesProxier<R> {
             .collect())
     }
 
+    fn nf_tables_variant(&mut self) -> bool {
+        let (runner, iptables) = (&self.runner, &self.tools.iptables);
+        *self.nf_tables_variant.get_or_insert_with(|| {
+            let variant = runner
+                .run(iptables, &["--version"], None)
+                .is_ok_and(|out| out.stdout.contains("nf_tables"));
+            tracing::debug!(iptables, nf_tables = variant, "iptables variant");
+            variant
+        })
+    }
+
     fn restore(&self, text: &str) -> Result<(), SyncError> {
-        let out = self.runner.run(
+        // Its stdout is the `-S` listing of a full sync (megabytes after a restart).
+        let out = self.runner.run_discarding_stdout(
             &self.tools.restore,
             &["-w", "5", "-W", "100000", "--noflush", "--counters"],
             Some(text.as_bytes()),
@@ -442,6 +458,8 @@ impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
             self.known_chains.extend(existing);
         }
         let changed = (!full).then_some(&input.changes.services);
+        // Partial syncs name few chains; the whole-table fetch would cost them more.
+        let whole_table_cache = full && self.nf_tables_variant();
         let rendered = render(
             &self.cfg,
             input.state,
@@ -449,6 +467,7 @@ impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
             changed,
             &self.known_chains,
             &self.rule_counts,
+            whole_table_cache,
         );
         let applying = std::time::Instant::now();
         self.generation += 1;
@@ -673,10 +692,16 @@ mod tests {
         runner.clear();
         // Second sync (partial) fails: error names the line; no partial state remembered.
         let err = p.sync(&input).unwrap_err();
+        let sent = runner.inputs(
+            "iptables-restore",
+            &["-w", "5", "-W", "100000", "--noflush", "--counters"],
+        );
+        let third_line = sent[0].lines().nth(2).unwrap();
+        assert!(third_line.starts_with(":KUBE-"), "{third_line}");
         match err {
             SyncError::Apply { tool, line, .. } => {
                 assert_eq!(tool, "iptables-restore");
-                assert_eq!(line.as_deref(), Some(":KUBE-FORWARD - [0:0]"));
+                assert_eq!(line.as_deref(), Some(third_line));
             }
             other => panic!("{other}"),
         }
@@ -719,6 +744,59 @@ mod tests {
             calls[0].args,
             ["-w", "5", "-W", "100000", "--noflush", "--counters"]
         );
+    }
+
+    #[test]
+    fn full_syncs_with_iptables_nft_cache_the_whole_nat_table_first() {
+        const RESTORE: &[&str] = &["-w", "5", "-W", "100000", "--noflush", "--counters"];
+        for (version, want_listing) in [
+            ("iptables v1.8.9 (nf_tables)\n", true),
+            ("iptables v1.8.9 (legacy)\n", false),
+        ] {
+            let runner = RecordingRunner::new(move |call| CommandOutput {
+                stdout: if call.args == ["--version"] {
+                    version.into()
+                } else {
+                    String::new()
+                },
+                ..CommandOutput::default()
+            });
+            let mut p = IptablesProxier::new(runner.clone(), cfg());
+            let (state, changes) = state_with_service();
+            let node = NodeInfo::default();
+            let mut input = SyncInput {
+                state: &state,
+                changes: &changes,
+                node: &node,
+                force_full: false,
+            };
+            p.sync(&input).unwrap();
+            p.sync(&input).unwrap();
+            input.force_full = true;
+            p.sync(&input).unwrap();
+            let sent = runner.inputs("iptables-restore", RESTORE);
+            let listing = |text: &str| text.contains("*nat\n-S\n");
+            assert_eq!(sent.len(), 3);
+            assert_eq!(listing(&sent[0]), want_listing, "{version}: full sync");
+            assert!(!listing(&sent[1]), "{version}: partial sync");
+            assert_eq!(
+                listing(&sent[2]),
+                want_listing,
+                "{version}: forced full sync"
+            );
+            assert_eq!(
+                sent.iter()
+                    .map(|t| t.matches("-S\n").count())
+                    .sum::<usize>(),
+                2 * want_listing as usize
+            );
+            let version_checks = runner
+                .calls()
+                .iter()
+                .filter(|c| c.args == ["--version"])
+                .count();
+            assert_eq!(version_checks, 1, "asked once");
+        }
     }
 
     #[test]

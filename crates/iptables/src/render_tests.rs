@@ -87,6 +87,7 @@ fn redis_clusterip_matches_upstream_shapes() {
         None,
         &BTreeSet::new(),
         &HashMap::new(),
+        false,
     );
     let expected_nat = [
         "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
@@ -155,6 +156,7 @@ fn three_endpoints_probabilities_and_no_endpoint_reject() {
         None,
         &BTreeSet::new(),
         &HashMap::new(),
+        false,
     );
     let probs: Vec<&str> = r
         .text
@@ -198,6 +200,7 @@ fn partial_sync_rewrites_only_changed_services_and_deletes_stale_chains() {
         None,
         &BTreeSet::new(),
         &HashMap::new(),
+        false,
     );
     assert_eq!(full.active_nat_chains.len(), 4);
     // Move service two's endpoint.
@@ -215,6 +218,7 @@ fn partial_sync_rewrites_only_changed_services_and_deletes_stale_chains() {
         Some(&changes.services),
         &full.active_nat_chains,
         &full.service_rule_counts,
+        false,
     );
     let one_svc = service_chain_name(
         "KUBE-SVC-",
@@ -260,6 +264,7 @@ fn affinity_nodeport_externalip_and_masquerade_all() {
         None,
         &BTreeSet::new(),
         &HashMap::new(),
+        false,
     );
     assert!(r.text.contains("-m recent --name KUBE-SEP-"));
     assert!(r.text.contains("--rcheck --seconds 60 --reap"));
@@ -302,7 +307,15 @@ fn nodeport_addresses_restrict_destinations() {
         "198.18.0.11".parse().unwrap(),
         "10.244.1.1".parse().unwrap(),
     ];
-    let r = render(&c, t.state(), &n, None, &BTreeSet::new(), &HashMap::new());
+    let r = render(
+        &c,
+        t.state(),
+        &n,
+        None,
+        &BTreeSet::new(),
+        &HashMap::new(),
+        false,
+    );
     let np: Vec<&str> = r
         .text
         .lines()
@@ -322,6 +335,7 @@ fn nodeport_addresses_restrict_destinations() {
         None,
         &BTreeSet::new(),
         &HashMap::new(),
+        false,
     );
     assert!(r.text.contains("-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8"));
 }
@@ -348,6 +362,7 @@ fn large_cluster_mode_drops_endpoint_comments() {
         None,
         &BTreeSet::new(),
         &HashMap::new(),
+        false,
     );
     assert!(
         !r.text
@@ -381,6 +396,7 @@ fn conflicting_node_ports_keep_the_first_and_warn() {
         None,
         &BTreeSet::new(),
         &HashMap::new(),
+        false,
     );
     let np: Vec<&str> = r
         .text
