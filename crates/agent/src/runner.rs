@@ -311,9 +311,11 @@ fn sync_once(
                 apply_ms = report.apply_time.as_secs_f64() * 1000.0,
                 "synced proxy rules"
             );
-            if report.full {
+            if report.full || elapsed > std::time::Duration::from_millis(50) {
                 // A full sync's transaction text and batch are tens of MB at 10k
-                // services; hand the freed pages back instead of keeping the peak.
+                // services, and an iptables partial sync renders every service; hand
+                // the freed pages back instead of keeping the peak (a few ms, skipped
+                // for the fast syncs where that would show).
                 #[cfg(target_env = "gnu")]
                 // SAFETY: malloc_trim only releases free heap memory.
                 unsafe {

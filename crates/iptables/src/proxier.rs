@@ -170,7 +170,7 @@ pub struct IptablesProxier<R: CommandRunner> {
     /// Bumped by every restore attempt: tells a drift listing it may be stale.
     generation: u64,
     /// Whether the tools are iptables-nft (asked once), whose restore needs the nat table
-    /// cached whole on full syncs (see `render`).
+    /// cached whole for large inputs (see `render`).
     nf_tables_variant: Option<bool>,
 }
 
@@ -458,8 +458,7 @@ impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
             self.known_chains.extend(existing);
         }
         let changed = (!full).then_some(&input.changes.services);
-        // Partial syncs name few chains; the whole-table fetch would cost them more.
-        let whole_table_cache = full && self.nf_tables_variant();
+        let nft_restore = self.nf_tables_variant();
         let rendered = render(
             &self.cfg,
             input.state,
@@ -467,7 +466,7 @@ impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
             changed,
             &self.known_chains,
             &self.rule_counts,
-            whole_table_cache,
+            nft_restore,
         );
         let applying = std::time::Instant::now();
         self.generation += 1;
@@ -652,6 +651,26 @@ mod tests {
         }
     }
 
+    fn state_with_services(services: usize, endpoints: usize) -> (ProxyState, ChangeSet) {
+        let mut t = ChangeTracker::new(IpFamily::V4, "n");
+        for i in 0..services {
+            let svc = serde_json::json!({"metadata": {"namespace": "a", "name": format!("s{i}")},
+                "spec": {"clusterIP": format!("10.96.{}.{}", i / 256, i % 256), "ports": [{"port": 80}]}});
+            let eps: Vec<_> = (0..endpoints)
+                .map(|e| serde_json::json!({"addresses": [format!("10.{}.{}.{}", 100 + i / 256, i % 256, e + 1)]}))
+                .collect();
+            let slice = serde_json::json!({"metadata": {"namespace": "a", "name": format!("s{i}-x"),
+                "labels": {"kubernetes.io/service-name": format!("s{i}")}}, "addressType": "IPv4",
+                "endpoints": eps, "ports": [{"port": 8080, "protocol": "TCP"}]});
+            t.update_service(&serde_json::from_value(svc).unwrap(), &mut vec![])
+                .unwrap();
+            t.update_slice(&serde_json::from_value(slice).unwrap(), &mut vec![])
+                .unwrap();
+        }
+        let c = t.drain();
+        (t.state().clone(), c)
+    }
+
     fn state_with_service() -> (ProxyState, ChangeSet) {
         let mut t = ChangeTracker::new(IpFamily::V4, "n");
         let svc = serde_json::json!({"metadata": {"namespace": "a", "name": "s"},
@@ -747,9 +766,9 @@ mod tests {
     }
 
     #[test]
-    fn full_syncs_with_iptables_nft_cache_the_whole_nat_table_first() {
+    fn large_restores_with_iptables_nft_cache_the_whole_nat_table_first() {
         const RESTORE: &[&str] = &["-w", "5", "-W", "100000", "--noflush", "--counters"];
-        for (version, want_listing) in [
+        for (version, nft) in [
             ("iptables v1.8.9 (nf_tables)\n", true),
             ("iptables v1.8.9 (legacy)\n", false),
         ] {
@@ -761,41 +780,40 @@ mod tests {
                 },
                 ..CommandOutput::default()
             });
-            let mut p = IptablesProxier::new(runner.clone(), cfg());
-            let (state, changes) = state_with_service();
+            // 300 services x 10 endpoints declare 3,300 nat chains; one service 11.
+            let (big, big_changes) = state_with_services(300, 10);
+            let (small, small_changes) = state_with_services(1, 10);
             let node = NodeInfo::default();
-            let mut input = SyncInput {
-                state: &state,
-                changes: &changes,
-                node: &node,
-                force_full: false,
+            let none = ChangeSet::default();
+            let sync = |p: &mut IptablesProxier<RecordingRunner>, state, changes, force_full| {
+                p.sync(&SyncInput {
+                    state,
+                    changes,
+                    node: &node,
+                    force_full,
+                })
+                .unwrap();
             };
-            p.sync(&input).unwrap();
-            p.sync(&input).unwrap();
-            input.force_full = true;
-            p.sync(&input).unwrap();
+            let mut p = IptablesProxier::new(runner.clone(), cfg());
+            sync(&mut p, &big, &big_changes, false); // full
+            sync(&mut p, &big, &none, false); // partial, nothing rewritten
+            sync(&mut p, &big, &big_changes, false); // partial, all 300 rewritten
+            let mut q = IptablesProxier::new(runner.clone(), cfg());
+            sync(&mut q, &small, &small_changes, false); // full, small
             let sent = runner.inputs("iptables-restore", RESTORE);
-            let listing = |text: &str| text.contains("*nat\n-S\n");
-            assert_eq!(sent.len(), 3);
-            assert_eq!(listing(&sent[0]), want_listing, "{version}: full sync");
-            assert!(!listing(&sent[1]), "{version}: partial sync");
-            assert_eq!(
-                listing(&sent[2]),
-                want_listing,
-                "{version}: forced full sync"
-            );
-            assert_eq!(
-                sent.iter()
-                    .map(|t| t.matches("-S\n").count())
-                    .sum::<usize>(),
-                2 * want_listing as usize
-            );
+            let listing: Vec<bool> = sent.iter().map(|t| t.contains("*nat\n-S\n")).collect();
+            assert_eq!(listing, [nft, false, nft, false], "{version}");
+            let lines = sent
+                .iter()
+                .map(|t| t.matches("-S\n").count())
+                .sum::<usize>();
+            assert_eq!(lines, 2 * nft as usize);
             let version_checks = runner
                 .calls()
                 .iter()
                 .filter(|c| c.args == ["--version"])
                 .count();
-            assert_eq!(version_checks, 1, "asked once");
+            assert_eq!(version_checks, 2, "asked once per proxier");
         }
     }
 

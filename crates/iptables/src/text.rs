@@ -26,8 +26,8 @@ pub fn sanitize_comment(s: &str) -> String {
 /// creation order, and iptables-nft 1.8's save and list commands sort that list with a
 /// first-element-pivot quicksort, which is quadratic on an already sorted list
 /// (`iptables-save -t nat` at 10k services: 236 s after a name-ordered load, 3.3 s after
-/// this order). Loading costs the same either way once the restore names no chain
-/// list (see `render`'s `whole_table_cache`).
+/// this order). Loading costs about the same either way once the restore fetches the
+/// whole table (see `render`'s `nft_restore`).
 #[derive(Default)]
 pub(crate) struct Lines {
     decls: BTreeSet<String>,
@@ -64,6 +64,11 @@ impl Lines {
     /// Declares a chain (`:NAME - [0:0]`), which also flushes it.
     pub fn declare(&mut self, chain: &str) {
         self.decls.insert(format!(":{chain} - [0:0]"));
+    }
+
+    /// Chains declared so far.
+    pub fn declared(&self) -> usize {
+        self.decls.len()
     }
 
     /// A line written after all rules (e.g. `-X CHAIN`).
