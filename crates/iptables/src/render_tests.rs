@@ -26,6 +26,11 @@ fn node() -> NodeInfo {
     }
 }
 
+/// A full sync's restore input with nothing in the kernel yet (no `-S` listing).
+fn full_sync(c: &IptablesConfig, state: &ProxyState, n: &NodeInfo) -> Rendered {
+    render(c, state, n, None, &BTreeSet::new(), &HashMap::new(), false)
+}
+
 fn tracker_with(objs: &[serde_json::Value]) -> ChangeTracker {
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     let mut w = vec![];
@@ -80,15 +85,7 @@ fn redis_clusterip_matches_upstream_shapes() {
         ),
     ]);
     t.drain();
-    let r = render(
-        &cfg(),
-        t.state(),
-        &node(),
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let r = full_sync(&cfg(), t.state(), &node());
     let expected_nat = [
         "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
         "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ",
@@ -149,15 +146,7 @@ fn three_endpoints_probabilities_and_no_endpoint_reject() {
         ),
     ]);
     t.drain();
-    let r = render(
-        &cfg(),
-        t.state(),
-        &node(),
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let r = full_sync(&cfg(), t.state(), &node());
     let probs: Vec<&str> = r
         .text
         .lines()
@@ -193,15 +182,7 @@ fn partial_sync_rewrites_only_changed_services_and_deletes_stale_chains() {
         slice("a", "two", "", 80, "TCP", &[("10.244.1.3", "n")]),
     ]);
     t.drain();
-    let full = render(
-        &cfg(),
-        t.state(),
-        &node(),
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let full = full_sync(&cfg(), t.state(), &node());
     assert_eq!(full.active_nat_chains.len(), 4);
     // Move service two's endpoint.
     let mut w = vec![];
@@ -257,15 +238,7 @@ fn affinity_nodeport_externalip_and_masquerade_all() {
     t.drain();
     let mut c = cfg();
     c.masquerade_all = true;
-    let r = render(
-        &c,
-        t.state(),
-        &node(),
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let r = full_sync(&c, t.state(), &node());
     assert!(r.text.contains("-m recent --name KUBE-SEP-"));
     assert!(r.text.contains("--rcheck --seconds 60 --reap"));
     assert!(
@@ -307,15 +280,7 @@ fn nodeport_addresses_restrict_destinations() {
         "198.18.0.11".parse().unwrap(),
         "10.244.1.1".parse().unwrap(),
     ];
-    let r = render(
-        &c,
-        t.state(),
-        &n,
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let r = full_sync(&c, t.state(), &n);
     let np: Vec<&str> = r
         .text
         .lines()
@@ -328,15 +293,7 @@ fn nodeport_addresses_restrict_destinations() {
         "no localhost nodeports when 127/8 is out of scope"
     );
     // Default (match-all, localhost on): the martian drop is written.
-    let r = render(
-        &cfg(),
-        t.state(),
-        &n,
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let r = full_sync(&cfg(), t.state(), &n);
     assert!(r.text.contains("-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8"));
 }
 
@@ -355,15 +312,7 @@ fn large_cluster_mode_drops_endpoint_comments() {
         slice("a", "big", "", 80, "TCP", &eps_ref),
     ]);
     t.drain();
-    let r = render(
-        &cfg(),
-        t.state(),
-        &node(),
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let r = full_sync(&cfg(), t.state(), &node());
     assert!(
         !r.text
             .lines()
@@ -389,15 +338,7 @@ fn conflicting_node_ports_keep_the_first_and_warn() {
         slice("b", "second", "", 80, "TCP", &[("10.244.1.3", "n")]),
     ]);
     t.drain();
-    let r = render(
-        &cfg(),
-        t.state(),
-        &node(),
-        None,
-        &BTreeSet::new(),
-        &HashMap::new(),
-        false,
-    );
+    let r = full_sync(&cfg(), t.state(), &node());
     let np: Vec<&str> = r
         .text
         .lines()
