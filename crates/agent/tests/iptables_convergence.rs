@@ -2,6 +2,8 @@
 //! `iptables-restore` in one namespace ends with the same KUBE-* chains and rules as a fresh
 //! proxier's full sync of the final state in another. Every transaction must also be
 //! accepted by the kernel (a renderer "fuzz" over random Services and endpoints).
+//! And a restore large enough to make iptables-nft fetch the whole nat table (`-S` first)
+//! loads the same rules as the same input without that line, and reloads over itself.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -9,8 +11,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use kp_dataplane::{
-    CommandOutput, Dataplane, LocalDetector, NodeInfo, NodePortAddresses, RecordedCall,
-    RecordingRunner, SyncInput,
+    CommandOutput, CommandRunner, Dataplane, LocalDetector, NodeInfo, NodePortAddresses,
+    RecordedCall, RecordingRunner, SyncInput,
 };
 use kp_iptables::{IptablesConfig, IptablesProxier};
 use kp_model::{ChangeTracker, IpFamily};
@@ -36,16 +38,17 @@ impl Ns {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn");
-            if let Some(input) = &c.stdin {
-                child
-                    .stdin
-                    .take()
-                    .expect("stdin")
-                    .write_all(input.as_bytes())
-                    .expect("write stdin");
-            }
+            // Written from its own thread: a restore starting with `-S` prints the old
+            // table while still reading its input.
+            let writer = c.stdin.clone().map(|input| {
+                let mut pipe = child.stdin.take().expect("stdin");
+                std::thread::spawn(move || pipe.write_all(input.as_bytes()))
+            });
             drop(child.stdin.take());
             let out = child.wait_with_output().expect("wait");
+            if let Some(w) = writer {
+                w.join().expect("writer").expect("write stdin");
+            }
             CommandOutput {
                 status: out.status.code().unwrap_or(-1),
                 stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -233,4 +236,106 @@ fn partial_syncs_converge_to_the_full_sync() {
     for seed in [3, 17, 2024] {
         run(seed);
     }
+}
+
+#[test]
+fn large_restores_fetching_the_whole_table_load_the_same_rules_and_reload_over_themselves() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let version = Command::new("iptables")
+        .arg("--version")
+        .output()
+        .expect("iptables");
+    if !String::from_utf8_lossy(&version.stdout).contains("nf_tables") {
+        eprintln!("skipped: iptables is not iptables-nft");
+        return;
+    }
+    // 300 services x 10 ready endpoints: 3,300 nat chains, past the 3,000 threshold.
+    let mut tracker = ChangeTracker::new(IpFamily::V4, "node1");
+    for i in 0..300u64 {
+        let svc = json!({"metadata": {"namespace": "ns", "name": format!("s{i}")},
+            "spec": {"clusterIP": format!("10.96.{}.{}", i / 200, i % 200 + 1),
+                "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}});
+        let eps: Vec<Value> = (0..10)
+            .map(|e| {
+                json!({"addresses": [format!("10.244.{}.{}", i / 20, (i % 20) * 10 + e + 2)],
+                "conditions": {"ready": true}, "nodeName": "node2"})
+            })
+            .collect();
+        let sl = json!({"metadata": {"namespace": "ns", "name": format!("s{i}-1"),
+            "labels": {"kubernetes.io/service-name": format!("s{i}")}}, "addressType": "IPv4",
+            "endpoints": eps, "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}]});
+        tracker
+            .update_service(&serde_json::from_value(svc).unwrap(), &mut vec![])
+            .unwrap();
+        tracker
+            .update_slice(&serde_json::from_value(sl).unwrap(), &mut vec![])
+            .unwrap();
+    }
+    let changes = tracker.drain();
+    let mut node = NodeInfo::default();
+    node.topology.node_name = "node1".into();
+    let input = SyncInput {
+        state: tracker.state(),
+        changes: &changes,
+        node: &node,
+        force_full: true,
+    };
+    const RESTORE: &[&str] = &["-w", "5", "-W", "100000", "--noflush", "--counters"];
+
+    let a = Ns::new("big-a");
+    let runner = a.runner();
+    IptablesProxier::new(runner.clone(), cfg())
+        .sync(&input)
+        .expect("cold full sync");
+    let sent = runner.inputs("iptables-restore", RESTORE);
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0].contains("*nat\n-S\n"),
+        "the whole-table fetch is used"
+    );
+    let cold = a.kube_rules();
+    let seps = cold
+        .iter()
+        .filter(|c| c.starts_with("nat KUBE-SEP-"))
+        .count();
+    assert_eq!(seps, 3000, "every endpoint chain loaded");
+
+    // The same input without `-S`, loaded by the tool directly elsewhere: same rules.
+    let b = Ns::new("big-b");
+    let without = sent[0].replacen("*nat\n-S\n", "*nat\n", 1);
+    let out = b
+        .runner()
+        .run("iptables-restore", &["--noflush"], Some(without.as_bytes()))
+        .expect("iptables-restore");
+    assert!(out.success(), "{}", out.stderr);
+    // The proxier also makes the canary chains (outside the restore); the rest must match.
+    let restored = |rules: Vec<String>| -> Vec<String> {
+        rules
+            .into_iter()
+            .filter(|c| !c.contains("KUBE-PROXY-CANARY"))
+            .collect()
+    };
+    same_rules(&restored(cold.clone()), &restored(b.kube_rules()));
+
+    // A restart: a new proxier's full sync over the loaded table (its `-S` prints the old
+    // table while the input streams in) leaves exactly the same rules, nothing doubled.
+    IptablesProxier::new(a.runner(), cfg())
+        .sync(&input)
+        .expect("warm full sync");
+    same_rules(&cold, &a.kube_rules());
+}
+
+/// Equal chain lists, or a panic naming the first few that differ (not all 3,300).
+fn same_rules(want: &[String], got: &[String]) {
+    let missing: Vec<_> = want.iter().filter(|c| !got.contains(c)).take(3).collect();
+    let extra: Vec<_> = got.iter().filter(|c| !want.contains(c)).take(3).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && want.len() == got.len(),
+        "{} vs {} chains; missing {missing:#?}; unexpected {extra:#?}",
+        want.len(),
+        got.len()
+    );
 }
