@@ -473,7 +473,7 @@ impl Tracked for k8s_openapi::api::discovery::v1::EndpointSlice {
         tracing::warn!(endpointslice = %object_name(obj), error = %e, "skipping invalid EndpointSlice");
     }
     fn log_problem(obj: &Self, w: &str) {
-        tracing::warn!(endpointslice = %object_name(obj), problem = %w, "ignoring invalid endpoint");
+        tracing::warn!(endpointslice = %object_name(obj), problem = %w, "ignoring part of EndpointSlice");
     }
 }
 

@@ -281,7 +281,7 @@ fn hostile_corpus_is_rejected_or_applied_and_never_leaks_into_rules() {
         assert!(!rules.contains(needle), "{needle:?} reached the rules");
     }
     assert!(
-        wait_log(&lab, &["ignoring invalid endpoint"]),
+        wait_log(&lab, &["ignoring part of EndpointSlice"]),
         "{}",
         lab.proxy_log(1)
     );

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 /// Keeps only characters that are safe inside a double-quoted iptables-restore token, and
-/// at most 256 bytes (the kernel's comment limit).
+/// at most 255 bytes (the kernel's comment buffer is 256 with the NUL).
 pub fn sanitize_comment(s: &str) -> String {
     let mut out: String = s
         .chars()
@@ -17,7 +17,8 @@ pub fn sanitize_comment(s: &str) -> String {
             }
         })
         .collect();
-    out.truncate(256);
+    // xt_comment holds 256 bytes with the terminating NUL: iptables refuses a longer one.
+    out.truncate(255);
     out
 }
 

@@ -4,26 +4,33 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::names::{is_dns1123_label, is_dns1123_subdomain, is_port_name};
+use crate::ip::{parse_cidr_sloppy, parse_ip_sloppy};
+use crate::names::{is_dns1123_label, is_dns1123_subdomain};
 use crate::types::*;
 
-/// Why an object was skipped. Display names the field and the value, escaped.
+/// Why an object, or one part of it, is not proxied. Display names the field and the
+/// value, escaped. Only a problem with the object's key or its primary cluster IP skips a
+/// whole Service; everything else drops one port, one address or one endpoint and is
+/// reported through the `warnings` of the conversion (see the crate README's table).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     #[error("{field}: invalid name {value:?}")]
-    InvalidName { field: &'static str, value: String },
+    InvalidName { field: String, value: String },
     #[error("{field}: invalid IP address {value:?}")]
     InvalidIp { field: String, value: String },
     #[error("{field}: invalid port {value}")]
     InvalidPort { field: String, value: i64 },
     #[error("{field}: unknown protocol {value:?}")]
     InvalidProtocol { field: String, value: String },
-    #[error("spec.ports: duplicate {what} {value:?}")]
-    DuplicatePort { what: &'static str, value: String },
+    #[error("{field}: duplicate {what} {value:?}")]
+    DuplicatePort {
+        field: String,
+        what: &'static str,
+        value: String,
+    },
     #[error("missing {0}")]
     Missing(&'static str),
 }
@@ -37,24 +44,23 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
 /// Checks that a string is a DNS-1123 label, as the API server does for namespaces and
 /// service names.
-pub fn validate_dns_label(field: &'static str, value: &str) -> Result<(), ConvertError> {
+pub fn validate_dns_label(field: &str, value: &str) -> Result<(), ConvertError> {
     if is_dns1123_label(value) {
         Ok(())
     } else {
         Err(ConvertError::InvalidName {
-            field,
+            field: field.into(),
             value: value.to_string(),
         })
     }
 }
 
+/// [`parse_ip_sloppy`] with the field named in the error.
 fn parse_ip(field: impl Into<String>, s: &str) -> Result<IpAddr, ConvertError> {
-    s.trim()
-        .parse::<IpAddr>()
-        .map_err(|_| ConvertError::InvalidIp {
-            field: field.into(),
-            value: s.to_string(),
-        })
+    parse_ip_sloppy(s.trim()).ok_or_else(|| ConvertError::InvalidIp {
+        field: field.into(),
+        value: s.to_string(),
+    })
 }
 
 /// IP families of a Service's valid cluster IPs (empty for headless/ExternalName).
@@ -68,7 +74,7 @@ pub fn service_families(svc: &Service) -> Vec<IpFamily> {
         .iter()
         .chain(spec.cluster_ips.iter().flatten())
     {
-        if let Ok(ip) = ip.parse::<IpAddr>() {
+        if let Some(ip) = parse_ip_sloppy(ip.trim()) {
             let f = IpFamily::of(&ip);
             if !out.contains(&f) {
                 out.push(f);
@@ -79,9 +85,9 @@ pub fn service_families(svc: &Service) -> Vec<IpFamily> {
 }
 
 /// The service's ports for one IP family. `Ok(vec![])` means "not proxied" (headless,
-/// ExternalName, no cluster IP of this family); `Err` means the object is invalid and is
-/// skipped as a whole. `warnings` collects problems that only drop one entry (an invalid
-/// external IP), as upstream filters those.
+/// ExternalName, no cluster IP of this family); `Err` means the object has no usable key
+/// or primary cluster IP and is skipped as a whole. `warnings` collects problems that
+/// drop one part only (a port, an external IP, a source range), one line each.
 pub fn service_ports_from_service(
     svc: &Service,
     family: IpFamily,
@@ -108,12 +114,14 @@ pub fn service_ports_from_service(
     if primary.is_empty() || primary == "None" {
         return Ok(vec![]);
     }
-    // Every listed cluster IP must parse; then pick this family's.
+    // The primary cluster IP must parse; a secondary one that does not drops only that
+    // family. Then pick this family's.
     let mut cluster_ips = vec![parse_ip("spec.clusterIP", primary)?];
     for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
-        let ip = parse_ip(format!("spec.clusterIPs[{i}]"), ip)?;
-        if !cluster_ips.contains(&ip) {
-            cluster_ips.push(ip);
+        match parse_ip(format!("spec.clusterIPs[{i}]"), ip) {
+            Ok(ip) if !cluster_ips.contains(&ip) => cluster_ips.push(ip),
+            Ok(_) => {}
+            Err(e) => warnings.push(e.to_string()),
         }
     }
     let Some(cluster_ip) = cluster_ips
@@ -167,12 +175,13 @@ pub fn service_ports_from_service(
         .flatten()
         .enumerate()
     {
-        match s.trim().parse::<IpNet>() {
-            Ok(net) if IpFamily::of(&net.addr()) == family => {
+        // The API server admits padding here (upstream trims it too).
+        match parse_cidr_sloppy(s.trim()) {
+            Some(net) if IpFamily::of(&net.addr()) == family => {
                 load_balancer_source_ranges.push(net.trunc())
             }
-            Ok(_) => {}
-            Err(_) => warnings.push(format!(
+            Some(_) => {}
+            None => warnings.push(format!(
                 "spec.loadBalancerSourceRanges[{i}]: invalid CIDR {s:?}"
             )),
         }
@@ -192,61 +201,32 @@ pub fn service_ports_from_service(
     let external_policy_local =
         has_external && spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let health_check_node_port = if svc_type == "LoadBalancer" && external_policy_local {
-        spec.health_check_node_port
-            .filter(|p| (1..=65535).contains(p))
-            .map(|p| p as u16)
-    } else {
-        None
+    let health_check_node_port = match spec.health_check_node_port {
+        _ if svc_type != "LoadBalancer" || !external_policy_local => None,
+        None | Some(0) => None,
+        Some(p) => match u16::try_from(p) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                warnings.push(format!(
+                    "spec.healthCheckNodePort: invalid port {p}; no health check server"
+                ));
+                None
+            }
+        },
     };
 
-    let mut seen_names = HashSet::new();
-    let mut seen_ports = HashSet::new();
     let ports = spec.ports.as_deref().unwrap_or(&[]);
+    let mut seen = SeenPorts::default();
     let mut out = Vec::with_capacity(ports.len());
     let service = NamespacedName::new(namespace, name);
     for (i, p) in ports.iter().enumerate() {
-        let port_name = p.name.clone().unwrap_or_default();
-        if !port_name.is_empty() && !is_port_name(&port_name) {
-            return Err(ConvertError::InvalidName {
-                field: "spec.ports[].name",
-                value: port_name,
-            });
-        }
-        let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| {
-            ConvertError::InvalidProtocol {
-                field: format!("spec.ports[{i}].protocol"),
-                value: p.protocol.clone().unwrap_or_default(),
-            }
-        })?;
-        if !(1..=65535).contains(&p.port) {
-            return Err(ConvertError::InvalidPort {
-                field: format!("spec.ports[{i}].port"),
-                value: p.port.into(),
-            });
-        }
-        let node_port = match p.node_port {
-            None | Some(0) => None,
-            Some(n) if (1..=65535).contains(&n) => Some(n as u16),
-            Some(n) => {
-                return Err(ConvertError::InvalidPort {
-                    field: format!("spec.ports[{i}].nodePort"),
-                    value: n.into(),
-                });
+        let (port_name, protocol, port, node_port) = match check_service_port(i, p, &mut seen) {
+            Ok(checked) => checked,
+            Err(e) => {
+                warnings.push(format!("{e}: port not proxied"));
+                continue;
             }
         };
-        if !seen_names.insert(port_name.clone()) {
-            return Err(ConvertError::DuplicatePort {
-                what: "port name",
-                value: port_name,
-            });
-        }
-        if !seen_ports.insert((p.port, protocol)) {
-            return Err(ConvertError::DuplicatePort {
-                what: "port",
-                value: format!("{}/{}", p.port, protocol.upper()),
-            });
-        }
         out.push(ServicePort {
             name: ServicePortName {
                 service: service.clone(),
@@ -254,7 +234,7 @@ pub fn service_ports_from_service(
                 protocol,
             },
             cluster_ip,
-            port: p.port as u16,
+            port,
             protocol,
             node_port,
             session_affinity_timeout,
@@ -267,6 +247,80 @@ pub fn service_ports_from_service(
         });
     }
     Ok(out)
+}
+
+/// Names, port/protocol pairs and NodePort/protocol pairs already taken by earlier ports
+/// of a Service (the API server refuses duplicates of each; the first one wins here).
+#[derive(Default)]
+struct SeenPorts {
+    names: HashSet<String>,
+    ports: HashSet<(i32, Protocol)>,
+    node_ports: HashSet<(u16, Protocol)>,
+}
+
+/// One Service port as the API server validates it: `(name, protocol, port, nodePort)`.
+fn check_service_port(
+    i: usize,
+    p: &k8s_openapi::api::core::v1::ServicePort,
+    seen: &mut SeenPorts,
+) -> Result<(String, Protocol, u16, Option<u16>), ConvertError> {
+    let port_name = p.name.clone().unwrap_or_default();
+    // A DNS-1123 label, as the API server checks it (not the 15-character IANA rule of
+    // container ports); it also keeps the name safe in rule comments and nft names.
+    if !port_name.is_empty() && !is_dns1123_label(&port_name) {
+        return Err(ConvertError::InvalidName {
+            field: format!("spec.ports[{i}].name"),
+            value: port_name,
+        });
+    }
+    let protocol =
+        Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| ConvertError::InvalidProtocol {
+            field: format!("spec.ports[{i}].protocol"),
+            value: p.protocol.clone().unwrap_or_default(),
+        })?;
+    let port = u16::try_from(p.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ConvertError::InvalidPort {
+            field: format!("spec.ports[{i}].port"),
+            value: p.port.into(),
+        })?;
+    let node_port = match p.node_port {
+        None | Some(0) => None,
+        Some(n) => Some(u16::try_from(n).map_err(|_| ConvertError::InvalidPort {
+            field: format!("spec.ports[{i}].nodePort"),
+            value: n.into(),
+        })?),
+    };
+    if seen.names.contains(&port_name) {
+        return Err(ConvertError::DuplicatePort {
+            field: format!("spec.ports[{i}].name"),
+            what: "port name",
+            value: port_name,
+        });
+    }
+    if seen.ports.contains(&(p.port, protocol)) {
+        return Err(ConvertError::DuplicatePort {
+            field: format!("spec.ports[{i}]"),
+            what: "port",
+            value: format!("{}/{}", p.port, protocol.upper()),
+        });
+    }
+    if let Some(n) = node_port
+        && seen.node_ports.contains(&(n, protocol))
+    {
+        return Err(ConvertError::DuplicatePort {
+            field: format!("spec.ports[{i}].nodePort"),
+            what: "nodePort",
+            value: format!("{n}/{}", protocol.upper()),
+        });
+    }
+    seen.names.insert(port_name.clone());
+    seen.ports.insert((p.port, protocol));
+    if let Some(n) = node_port {
+        seen.node_ports.insert((n, protocol));
+    }
+    Ok((port_name, protocol, port, node_port))
 }
 
 /// What one EndpointSlice contributes: endpoints per (port name, protocol).
@@ -343,14 +397,21 @@ pub fn endpoints_from_slice(
     validate_dns_label("metadata.namespace", namespace)?;
     if !is_dns1123_subdomain(name) {
         return Err(ConvertError::InvalidName {
-            field: "metadata.name",
+            field: "metadata.name".into(),
             value: name.to_string(),
         });
     }
     let Some(service) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
         return Ok(None);
     };
-    validate_dns_label("metadata.labels[kubernetes.io/service-name]", service)?;
+    // Any label value is admitted here, but only a DNS label can name a Service: a slice
+    // labelled otherwise belongs to no Service and contributes nothing.
+    if !is_dns1123_label(service) {
+        warnings.push(format!(
+            "metadata.labels[{LABEL_SERVICE_NAME}]: {service:?} is not a Service name; slice not used"
+        ));
+        return Ok(None);
+    }
     let slice_family = match slice.address_type.as_str() {
         "IPv4" => IpFamily::V4,
         "IPv6" => IpFamily::V6,

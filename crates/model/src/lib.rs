@@ -5,6 +5,7 @@
 //! once per sync into a [`ProxyState`] plus the set of services that changed.
 
 mod convert;
+mod ip;
 mod names;
 mod topology;
 mod tracker;
@@ -14,6 +15,7 @@ pub use convert::{
     ConvertError, endpoints_from_slice, service_families, service_ports_from_service,
     validate_dns_label,
 };
+pub use ip::{parse_cidr_sloppy, parse_ip_sloppy};
 pub use names::{is_dns1123_label, is_dns1123_subdomain};
 pub use topology::{CategorizedEndpoints, NodeTopology, categorize_endpoints};
 pub use tracker::{ChangeSet, ChangeTracker, ProxyState, SliceKey};

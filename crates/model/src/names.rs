@@ -27,20 +27,6 @@ pub fn is_dns1123_subdomain(s: &str) -> bool {
         })
 }
 
-/// IANA service name, as allowed for port names (`http`, `dns-tcp`): at most 15 chars,
-/// lower-case alphanumerics and '-', at least one letter, no leading/trailing/double '-'.
-pub fn is_port_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 15
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b.iter().any(|c| c.is_ascii_lowercase())
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-        && !s.contains("--")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,15 +44,5 @@ mod tests {
         // Generated slice names of 63-char services exceed 63 chars and are valid.
         assert!(is_dns1123_subdomain(&format!("{}-x7k2p", "a".repeat(63))));
         assert!(!is_dns1123_subdomain(&"a".repeat(254)));
-    }
-
-    #[test]
-    fn port_names() {
-        assert!(is_port_name("http"));
-        assert!(is_port_name("dns-tcp"));
-        assert!(!is_port_name("80"));
-        assert!(!is_port_name("a--b"));
-        assert!(!is_port_name("sixteen-chars-xx"));
-        assert!(!is_port_name("Http"));
     }
 }

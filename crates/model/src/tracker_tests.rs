@@ -142,7 +142,7 @@ fn ignored_services() {
 }
 
 #[test]
-fn invalid_services_are_rejected_with_a_named_field() {
+fn only_a_bad_key_or_primary_cluster_ip_skips_a_whole_service() {
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");
     let mut w = vec![];
     let cases = [
@@ -150,26 +150,6 @@ fn invalid_services_are_rejected_with_a_named_field() {
             json!({"namespace": "a", "name": "b"}),
             json!({"clusterIP": "10.0.0.300", "ports": [{"port": 80}]}),
             "spec.clusterIP",
-        ),
-        (
-            json!({"namespace": "a", "name": "b"}),
-            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 0}]}),
-            "spec.ports[0].port",
-        ),
-        (
-            json!({"namespace": "a", "name": "b"}),
-            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 70000}]}),
-            "spec.ports[0].port",
-        ),
-        (
-            json!({"namespace": "a", "name": "b"}),
-            json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80, "protocol": "ICMP"}]}),
-            "protocol",
-        ),
-        (
-            json!({"namespace": "a", "name": "b"}),
-            json!({"clusterIP": "10.0.0.3", "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}),
-            "duplicate port",
         ),
         (
             json!({"namespace": "a", "name": "b\"; -j ACCEPT"}),
@@ -180,11 +160,6 @@ fn invalid_services_are_rejected_with_a_named_field() {
             json!({"namespace": "a b", "name": "b"}),
             json!({"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}),
             "metadata.namespace",
-        ),
-        (
-            json!({"namespace": "a", "name": "b"}),
-            json!({"clusterIP": "10.0.0.3", "ports": [{"name": "x\ny", "port": 80}]}),
-            "spec.ports[].name",
         ),
     ];
     for (meta, spec, field) in cases {
@@ -198,8 +173,96 @@ fn invalid_services_are_rejected_with_a_named_field() {
     let long = "a".repeat(63);
     let s = service(json!({"metadata": {"namespace": long, "name": long,
         "annotations": {"note": "quotes \" newlines \n unicode ü ;"}},
-        "spec": {"clusterIP": "10.0.0.3", "ports": [{"port": 80}]}}));
+        "spec": {"clusterIP": "10.0.0.3", "ports": [{"name": long, "port": 80}]}}));
     assert!(t.update_service(&s, &mut w).unwrap());
+    assert!(w.is_empty(), "{w:?}");
+}
+
+#[test]
+fn a_bad_port_drops_that_port_only_with_one_warning_naming_it() {
+    let cases = [
+        (json!({"name": "bad", "port": 0}), "spec.ports[1].port"),
+        (json!({"name": "bad", "port": 70000}), "spec.ports[1].port"),
+        (
+            json!({"name": "bad", "port": 81, "protocol": "ICMP"}),
+            "spec.ports[1].protocol",
+        ),
+        (
+            json!({"name": "bad", "port": 81, "nodePort": 70000}),
+            "spec.ports[1].nodePort",
+        ),
+        (json!({"name": "x\ny", "port": 81}), "spec.ports[1].name"),
+        (json!({"name": "Upper", "port": 81}), "spec.ports[1].name"),
+        (
+            json!({"name": "a".repeat(64), "port": 81}),
+            "spec.ports[1].name",
+        ),
+        (json!({"name": "good", "port": 81}), "duplicate port name"),
+        (
+            json!({"name": "other", "port": 80}),
+            "duplicate port \"80/TCP\"",
+        ),
+        (
+            json!({"name": "other", "port": 81, "nodePort": 30080}),
+            "duplicate nodePort \"30080/TCP\"",
+        ),
+    ];
+    for (bad, want) in cases {
+        let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+        let mut w = vec![];
+        let good = json!({"name": "good", "port": 80, "nodePort": 30080});
+        let last = json!({"name": "last", "port": 82, "protocol": "UDP"});
+        let s = service(json!({"metadata": {"namespace": "a", "name": "b"},
+            "spec": {"type": "NodePort", "clusterIP": "10.0.0.3", "ports": [good, bad, last]}}));
+        assert!(t.update_service(&s, &mut w).unwrap(), "{want}");
+        assert_eq!(w.len(), 1, "{want}: {w:?}");
+        assert!(w[0].contains(want), "{:?} should name {want}", w[0]);
+        assert!(w[0].ends_with("port not proxied") && !w[0].contains('\n'));
+        t.drain();
+        let ports: Vec<(String, u16)> = t
+            .state()
+            .services
+            .values()
+            .map(|p| (p.name.port.clone(), p.port))
+            .collect();
+        assert_eq!(ports, [("good".into(), 80), ("last".into(), 82)], "{want}");
+    }
+}
+
+#[test]
+fn legacy_ip_forms_are_programmed_as_upstream_reads_them() {
+    let mut t = ChangeTracker::new(IpFamily::V4, "node1");
+    let mut w = vec![];
+    let s = service(
+        json!({"metadata": {"namespace": "default", "name": "redis"},
+        "spec": {"clusterIP": "010.096.000.010", "clusterIPs": ["010.096.000.010", "not-an-ip"],
+            "externalIPs": ["::ffff:192.0.2.7", "198.051.100.001"],
+            "loadBalancerSourceRanges": ["010.0.0.0/8"],
+            "ports": [{"name": "redis", "port": 6379}]}}),
+    );
+    assert!(t.update_service(&s, &mut w).unwrap());
+    assert_eq!(w.len(), 1, "only the bad secondary cluster IP: {w:?}");
+    assert!(w[0].contains("spec.clusterIPs[1]"), "{w:?}");
+    let mut w = vec![];
+    t.update_slice(
+        &redis_slice("a", &["010.244.001.002", "::ffff:10.244.1.3"]),
+        &mut w,
+    )
+    .unwrap();
+    assert!(w.is_empty(), "{w:?}");
+    t.drain();
+    let p = t.state().services.values().next().unwrap().clone();
+    assert_eq!(p.cluster_ip.to_string(), "10.96.0.10");
+    let ext: Vec<String> = p.external_ips.iter().map(|i| i.to_string()).collect();
+    assert_eq!(ext, ["192.0.2.7", "198.51.100.1"]);
+    assert_eq!(p.load_balancer_source_ranges[0].to_string(), "10.0.0.0/8");
+    let eps: Vec<String> = t
+        .state()
+        .endpoints_of(&spn())
+        .iter()
+        .map(|e| e.ip.to_string())
+        .collect();
+    assert_eq!(eps, ["10.244.1.2", "10.244.1.3"]);
 }
 
 #[test]
