@@ -3,6 +3,10 @@
 //! Pure: takes Kubernetes objects (k8s-openapi types) and returns data. No tokio, no
 //! kube client, no syscalls. The watchers feed [`ChangeTracker`]; the sync loop drains it
 //! once per sync into a [`ProxyState`] plus the set of services that changed.
+//!
+//! The README below (the crate's contract and the validation-parity table) is part of
+//! these docs.
+#![doc = include_str!("../README.md")]
 
 mod convert;
 mod ip;
