@@ -351,7 +351,7 @@ fn serialize_go_time_required<S: Serializer>(at: &SystemTime, s: S) -> Result<S:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::ProxyMode;
+    use kp_dataplane::Mode;
     use std::time::UNIX_EPOCH;
 
     const SYNC_PERIOD: Duration = Duration::from_secs(30);
@@ -481,7 +481,7 @@ mod tests {
 
     #[test]
     fn responses_are_counted_by_code() {
-        let metrics = Metrics::without_process_metrics(ProxyMode::Iptables);
+        let metrics = Metrics::without_process_metrics(Mode::Iptables);
         let (health, _clock) = health_with_clock();
         let health = health.with_metrics(metrics.clone());
         health.healthz();

@@ -6,9 +6,10 @@
 //! ```no_run
 //! # async fn run() -> Result<(), kp_admin::AdminError> {
 //! use std::time::Duration;
-//! use kp_admin::{IpFamily, Metrics, MetricsServerState, ProxyHealth, ProxyMode};
+//! use kp_admin::{IpFamily, Metrics, MetricsServerState, ProxyHealth};
+//! use kp_dataplane::Mode;
 //!
-//! let metrics = Metrics::new(ProxyMode::Iptables);
+//! let metrics = Metrics::new(Mode::Iptables);
 //! let health = ProxyHealth::for_sync_period(Duration::from_secs(30)).with_metrics(metrics.clone());
 //! let v4 = metrics.proxier(IpFamily::IPv4);
 //!
@@ -36,8 +37,7 @@ pub use health::{
     ProxyHealthReport, SystemClock, TO_BE_DELETED_TAINT, is_node_eligible,
 };
 pub use metrics::{
-    IpFamily, IptablesTable, METRIC_PREFIX, Metrics, ProxierMetrics, ProxyMode, SyncKind,
-    TrafficPolicy, UnknownProxyMode,
+    IpFamily, IptablesTable, METRIC_PREFIX, Metrics, ProxierMetrics, SyncKind, TrafficPolicy,
 };
 pub use server::{
     AdminError, CONFIGZ_KEY, MetricsServerState, ServerHandle, healthz_router, metrics_router,

@@ -6,7 +6,6 @@
 //! both, as upstream's legacy registry does.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +19,7 @@ use serde::Serialize;
 
 use crate::exposition;
 use crate::process::ProcessCollector;
+use kp_dataplane::Mode;
 
 /// Prefix of every kube-proxy metric (upstream's `kubeProxySubsystem`).
 pub const METRIC_PREFIX: &str = "kubeproxy";
@@ -51,50 +51,6 @@ impl fmt::Display for IpFamily {
 impl EncodeLabelValue for IpFamily {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
         fmt::Write::write_str(encoder, self.as_str())
-    }
-}
-
-/// Proxy mode; decides which mode-specific metrics are registered, like upstream's
-/// `RegisterMetrics(mode)`, and is the body of `/proxyMode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProxyMode {
-    Iptables,
-    Ipvs,
-    Nftables,
-}
-
-impl ProxyMode {
-    /// The configuration spelling (`iptables`, `ipvs`, `nftables`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyMode::Iptables => "iptables",
-            ProxyMode::Ipvs => "ipvs",
-            ProxyMode::Nftables => "nftables",
-        }
-    }
-}
-
-impl fmt::Display for ProxyMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A mode name that is not one of `iptables`, `ipvs`, `nftables`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown proxy mode {0:?} (expected iptables, ipvs or nftables)")]
-pub struct UnknownProxyMode(pub String);
-
-impl FromStr for ProxyMode {
-    type Err = UnknownProxyMode;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "iptables" => Ok(ProxyMode::Iptables),
-            "ipvs" => Ok(ProxyMode::Ipvs),
-            "nftables" => Ok(ProxyMode::Nftables),
-            other => Err(UnknownProxyMode(other.to_owned())),
-        }
     }
 }
 
@@ -277,7 +233,7 @@ impl Handles {
 
     /// Registers the metrics `mode` uses, as upstream's `RegisterMetrics(mode)` does.
     /// Counter names omit `_total`: prometheus-client appends it when encoding.
-    fn register(&self, registry: &mut Registry, mode: ProxyMode) {
+    fn register(&self, registry: &mut Registry, mode: Mode) {
         let h = self;
         registry.register(
             "sync_proxy_rules_duration_seconds",
@@ -347,7 +303,7 @@ impl Handles {
             h.conntrack_deleted_entries.clone(),
         );
 
-        if matches!(mode, ProxyMode::Iptables | ProxyMode::Nftables) {
+        if matches!(mode, Mode::Iptables | Mode::Nftables) {
             registry.register(
                 "sync_full_proxy_rules_duration_seconds",
                 "[ALPHA] SyncProxyRules latency in seconds for full resyncs",
@@ -371,14 +327,14 @@ impl Handles {
             "Times the node's conntrack table was found full (>= 95% of nf_conntrack_max): the kernel evicts or drops new flows meanwhile (kube-proxy-rs)",
             h.conntrack_table_full.clone(),
         );
-        if matches!(mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
+        if matches!(mode, Mode::Iptables | Mode::Ipvs) {
             registry.register(
                 "sync_proxy_rules_iptables_restore_failures",
                 "[ALPHA] Cumulative proxy iptables restore failures",
                 h.iptables_restore_failures.clone(),
             );
         }
-        if mode == ProxyMode::Iptables {
+        if mode == Mode::Iptables {
             registry.register(
                 "sync_proxy_rules_iptables_partial_restore_failures",
                 "[ALPHA] Cumulative proxy iptables partial restore failures",
@@ -395,7 +351,7 @@ impl Handles {
                 h.iptables_rules_last.clone(),
             );
         }
-        if mode == ProxyMode::Nftables {
+        if mode == Mode::Nftables {
             registry.register(
                 "sync_proxy_rules_nftables_sync_failures",
                 "[ALPHA] Cumulative proxy nftables sync failures",
@@ -412,7 +368,7 @@ impl Handles {
 
 #[derive(Debug)]
 struct MetricsInner {
-    mode: ProxyMode,
+    mode: Mode,
     registry: Registry,
     handles: Handles,
 }
@@ -425,16 +381,16 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers the common metrics, the ones `mode` uses, and the process metrics.
-    pub fn new(mode: ProxyMode) -> Self {
+    pub fn new(mode: Mode) -> Self {
         Self::build(mode, true)
     }
 
     /// Like [`Metrics::new`] without the `process_*` metrics (they read `/proc/self`).
-    pub fn without_process_metrics(mode: ProxyMode) -> Self {
+    pub fn without_process_metrics(mode: Mode) -> Self {
         Self::build(mode, false)
     }
 
-    fn build(mode: ProxyMode, with_process: bool) -> Self {
+    fn build(mode: Mode, with_process: bool) -> Self {
         let handles = Handles::new();
         let mut registry = Registry::default();
         if with_process {
@@ -451,7 +407,7 @@ impl Metrics {
     }
 
     /// The proxy mode the metrics were registered for.
-    pub fn mode(&self) -> ProxyMode {
+    pub fn mode(&self) -> Mode {
         self.inner.mode
     }
 
@@ -483,14 +439,15 @@ impl Metrics {
         let h = &self.inner.handles;
         let mut counters = vec![&h.conntrack_deleted_entries, &h.drift_repairs];
         match self.inner.mode {
-            ProxyMode::Iptables => counters.extend([
+            Mode::Iptables => counters.extend([
                 &h.iptables_restore_failures,
                 &h.iptables_partial_restore_failures,
             ]),
-            ProxyMode::Ipvs => counters.push(&h.iptables_restore_failures),
-            ProxyMode::Nftables => {
+            Mode::Ipvs => counters.push(&h.iptables_restore_failures),
+            Mode::Nftables => {
                 counters.extend([&h.nftables_sync_failures, &h.nftables_cleanup_failures])
             }
+            Mode::Userspace => {}
         }
         for counter in counters {
             // Creating the series is the point; the returned guard only holds a read lock.
@@ -651,6 +608,23 @@ impl ProxierMetrics {
             .iptables_partial_restore_failures
             .get_or_create(&self.labels)
             .inc();
+    }
+
+    /// Counts a failed sync in the failure counters upstream keeps for this mode:
+    /// `iptables_restore_failures` (iptables, ipvs; plus the partial one for a failed
+    /// partial iptables sync) or `nftables_sync_failures`.
+    pub fn record_sync_failure(&self, partial: bool) {
+        match self.metrics.inner.mode {
+            Mode::Iptables => {
+                self.record_iptables_restore_failure();
+                if partial {
+                    self.record_iptables_partial_restore_failure();
+                }
+            }
+            Mode::Ipvs => self.record_iptables_restore_failure(),
+            Mode::Nftables => self.record_nftables_sync_failure(),
+            Mode::Userspace => {}
+        }
     }
 
     /// Counts a failed nftables transaction.

@@ -6,8 +6,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use kp_admin::{
     AdminError, IpFamily, ManualClock, Metrics, MetricsServerState, PROMETHEUS_TEXT_CONTENT_TYPE,
-    ProxyHealth, ProxyMode, serve_healthz, serve_healthz_on, serve_metrics, serve_metrics_on,
+    ProxyHealth, serve_healthz, serve_healthz_on, serve_metrics, serve_metrics_on,
 };
+use kp_dataplane::Mode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -67,7 +68,7 @@ fn localhost() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-fn metrics_state(mode: ProxyMode) -> (Metrics, MetricsServerState) {
+fn metrics_state(mode: Mode) -> (Metrics, MetricsServerState) {
     let metrics = Metrics::new(mode);
     let config = serde_json::json!({"mode": mode.as_str(), "syncPeriod": "30s"});
     (metrics.clone(), MetricsServerState::new(metrics, config))
@@ -75,7 +76,7 @@ fn metrics_state(mode: ProxyMode) -> (Metrics, MetricsServerState) {
 
 #[tokio::test]
 async fn metrics_server_routes() {
-    let (metrics, state) = metrics_state(ProxyMode::Nftables);
+    let (metrics, state) = metrics_state(Mode::Nftables);
     metrics
         .proxier(IpFamily::IPv4)
         .record_nftables_sync_failure();
@@ -128,7 +129,7 @@ async fn metrics_server_routes() {
 
 #[tokio::test]
 async fn health_server_codes_and_json() {
-    let metrics = Metrics::without_process_metrics(ProxyMode::Iptables);
+    let metrics = Metrics::without_process_metrics(Mode::Iptables);
     let clock = Arc::new(ManualClock::new(
         UNIX_EPOCH + Duration::from_secs(1_700_000_000),
     ));
@@ -206,7 +207,7 @@ async fn binding_a_used_port_is_an_error() {
 async fn pre_bound_listeners_are_served() {
     let listener = std::net::TcpListener::bind(localhost()).expect("bind");
     let bound = listener.local_addr().expect("addr");
-    let (_metrics, state) = metrics_state(ProxyMode::Ipvs);
+    let (_metrics, state) = metrics_state(Mode::Ipvs);
     let (task, addr) = serve_metrics_on(listener, state).expect("serve");
     assert_eq!(addr, bound);
     assert_eq!(get(addr, "/proxyMode").await.body, "ipvs");

@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kp_admin::{IpFamily, IptablesTable, Metrics, ProxyMode, SyncKind, TrafficPolicy};
+use kp_admin::{IpFamily, IptablesTable, Metrics, SyncKind, TrafficPolicy};
+use kp_dataplane::Mode;
 
 /// Upstream's kube-proxy metric families registered in every Linux mode.
 const COMMON: &[(&str, &str)] = &[
@@ -149,7 +150,7 @@ fn expected(extra: &[(&str, &str)]) -> BTreeSet<(String, String)> {
 
 #[test]
 fn iptables_mode_exposes_exactly_upstreams_families() {
-    let metrics = Metrics::without_process_metrics(ProxyMode::Iptables);
+    let metrics = Metrics::without_process_metrics(Mode::Iptables);
     exercise(&metrics);
     assert_eq!(
         kubeproxy_families(&metrics.encode()),
@@ -159,7 +160,7 @@ fn iptables_mode_exposes_exactly_upstreams_families() {
 
 #[test]
 fn nftables_mode_exposes_exactly_upstreams_families() {
-    let metrics = Metrics::without_process_metrics(ProxyMode::Nftables);
+    let metrics = Metrics::without_process_metrics(Mode::Nftables);
     exercise(&metrics);
     assert_eq!(
         kubeproxy_families(&metrics.encode()),
@@ -169,7 +170,7 @@ fn nftables_mode_exposes_exactly_upstreams_families() {
 
 #[test]
 fn ipvs_mode_exposes_restore_failures_only() {
-    let metrics = Metrics::without_process_metrics(ProxyMode::Ipvs);
+    let metrics = Metrics::without_process_metrics(Mode::Ipvs);
     exercise(&metrics);
     let extra = [(
         "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
@@ -180,7 +181,7 @@ fn ipvs_mode_exposes_restore_failures_only() {
 
 #[test]
 fn samples_help_and_buckets_match_upstream_text() {
-    let metrics = Metrics::without_process_metrics(ProxyMode::Iptables);
+    let metrics = Metrics::without_process_metrics(Mode::Iptables);
     exercise(&metrics);
     let text = metrics.encode();
     let expected_lines = [
@@ -237,7 +238,7 @@ fn samples_help_and_buckets_match_upstream_text() {
 
 #[test]
 fn unused_series_are_absent_until_touched() {
-    let metrics = Metrics::without_process_metrics(ProxyMode::Iptables);
+    let metrics = Metrics::without_process_metrics(Mode::Iptables);
     let before = metrics.encode();
     assert!(!before.contains("ip_family"), "{before}");
     let _v4 = metrics.proxier(IpFamily::IPv4);
@@ -252,7 +253,7 @@ fn unused_series_are_absent_until_touched() {
 
 #[test]
 fn process_metrics_are_exposed_with_go_names() {
-    let metrics = Metrics::new(ProxyMode::Nftables);
+    let metrics = Metrics::new(Mode::Nftables);
     let text = metrics.encode();
     for family in [
         "# TYPE process_cpu_seconds_total counter",
@@ -282,20 +283,12 @@ fn process_metrics_are_exposed_with_go_names() {
 
 #[test]
 fn openmetrics_output_is_available_too() {
-    let metrics = Metrics::without_process_metrics(ProxyMode::Iptables);
+    let metrics = Metrics::without_process_metrics(Mode::Iptables);
     metrics.record_service_change();
     let text = metrics.encode_openmetrics();
     assert!(text.ends_with("# EOF\n"));
     assert!(text.contains("# TYPE kubeproxy_sync_proxy_rules_service_changes counter\n"));
     assert!(text.contains("kubeproxy_sync_proxy_rules_service_changes_total 1\n"));
-}
-
-#[test]
-fn proxy_mode_round_trips() {
-    for mode in [ProxyMode::Iptables, ProxyMode::Ipvs, ProxyMode::Nftables] {
-        assert_eq!(mode.as_str().parse::<ProxyMode>(), Ok(mode));
-    }
-    assert!("userspace".parse::<ProxyMode>().is_err());
 }
 
 #[test]
@@ -319,7 +312,7 @@ fn bucket_boundaries_are_upstreams() {
 #[test]
 #[ignore = "prints a sample scrape for manual inspection"]
 fn print_sample_scrape() {
-    let metrics = Metrics::new(ProxyMode::Iptables);
+    let metrics = Metrics::new(Mode::Iptables);
     exercise(&metrics);
     println!("{}", metrics.encode());
 }

@@ -8,9 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Node;
 use kp_admin::{Metrics, MetricsServerState, ProxyHealth};
-use kp_config::{DetectLocalMode, Loaded, NodePortAddress, ProxyMode};
-use kp_dataplane::{Dataplane, LocalDetector, NodePortAddresses, SystemRunner};
-use kp_iptables::{IptablesConfig, IptablesProxier};
+use kp_config::{DetectLocalMode, Loaded, Mode, NodePortAddress};
+use kp_dataplane::{DataplaneConfig, LocalDetector, NodePortAddresses};
 use kp_model::{ChangeTracker, IpFamily};
 use kp_watch::{ObjectEvent, Watchers, object_name, run_watcher};
 
@@ -29,13 +28,15 @@ pub fn node_name(settings: &kp_config::Settings) -> anyhow::Result<String> {
     Ok(host.to_string_lossy().trim().to_lowercase())
 }
 
-/// Builds the iptables settings for one family. `node` supplies node IPs (for `primary`)
-/// and pod CIDRs (for NodeCIDR detection).
-pub fn iptables_config(
+/// Builds the dataplane settings for one family. `node` supplies node IPs (for
+/// `primary`) and pod CIDRs (for NodeCIDR detection); `local` the node's interface
+/// addresses (for the NodePort addresses).
+pub fn dataplane_config(
     settings: &kp_config::Settings,
     family: IpFamily,
     node: &Node,
-) -> IptablesConfig {
+    local: &[IpAddr],
+) -> DataplaneConfig {
     let (node_ips, pod_cidrs) = node_addresses(node);
     let local_detector = match &settings.detect_local_mode {
         DetectLocalMode::ClusterCidr => LocalDetector::from_cidrs(&settings.cluster_cidrs, family),
@@ -54,43 +55,27 @@ pub fn iptables_config(
     let primary = settings
         .node_port_addresses
         .contains(&NodePortAddress::Primary);
-    IptablesConfig {
+    let node_port_addresses = NodePortAddresses::new(&cidrs, primary, &node_ips, family);
+    DataplaneConfig {
         family,
         masquerade_bit: settings.masquerade_bit,
         masquerade_all: settings.masquerade_all,
         local_detector,
-        node_port_addresses: NodePortAddresses::new(&cidrs, primary, &node_ips, family),
+        node_port_ips: node_port_addresses.filter(local),
+        node_port_addresses,
         localhost_node_ports: settings.localhost_node_ports,
         tcp_be_liberal: settings.conntrack.tcp_be_liberal || crate::kernel::tcp_be_liberal(),
         random_fully: true,
     }
 }
 
-/// Removes what the mode we are not running left behind (a mode switch on restart).
-fn cleanup_other_mode(settings: &kp_config::Settings, family: IpFamily, node: &Node) {
-    let result = if settings.mode == ProxyMode::Nftables {
-        let mut p = IptablesProxier::new(SystemRunner, iptables_config(settings, family, node));
-        p.cleanup()
-    } else {
-        let mut p = kp_nftables::NftProxier::new(SystemRunner, nft_config_for_cleanup(family));
-        p.cleanup()
-    };
-    if result.is_ok() {
-        tracing::debug!(
-            family = family.k8s_name(),
-            "removed rules of the other proxy mode"
-        );
-    }
-}
-
-pub fn nft_config_for_cleanup(family: IpFamily) -> kp_nftables::NftConfig {
-    kp_nftables::NftConfig {
-        family,
-        masquerade_bit: 14,
-        masquerade_all: false,
-        local_detector: LocalDetector::None,
-        node_port_addresses: NodePortAddresses::default(),
-        node_port_ips: vec![],
+/// Removes what the modes we are not running left behind (a mode switch on restart, as
+/// upstream's platformCleanup). Errors mean "nothing there".
+fn cleanup_other_modes(running: Mode, cfg: &DataplaneConfig) {
+    for mode in Mode::ALL.into_iter().filter(|m| *m != running) {
+        if let crate::modes::Cleaned::Removed = crate::modes::cleanup(mode, cfg) {
+            tracing::debug!(family = cfg.family.k8s_name(), %mode, "removed what the other proxy mode left");
+        }
     }
 }
 
@@ -213,20 +198,14 @@ where
 /// Runs the proxy until SIGTERM/SIGINT. Rules stay in place on exit.
 pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let s = loaded.settings.clone();
-    if !matches!(s.mode, ProxyMode::Iptables | ProxyMode::Nftables) {
-        anyhow::bail!(
-            "proxy mode {} is not implemented yet; use --proxy-mode=iptables or nftables",
-            s.mode
-        );
+    if !crate::modes::implemented(s.mode) {
+        return Err(crate::modes::NotImplemented(s.mode).into());
     }
     let node_name = node_name(&s)?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), mode = %s.mode, node = %node_name, "starting kube-proxy-rs");
     crate::kernel::apply_conntrack(&s.conntrack);
 
-    let metrics = Metrics::new(match s.mode {
-        ProxyMode::Nftables => kp_admin::ProxyMode::Nftables,
-        _ => kp_admin::ProxyMode::Iptables,
-    });
+    let metrics = Metrics::new(s.mode);
     let health = ProxyHealth::for_sync_period(s.sync_period).with_metrics(metrics.clone());
     serve_admin(&loaded, &metrics, &health).await?;
 
@@ -261,11 +240,8 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
     let mut families = Vec::new();
     let mut threads = Vec::new();
     for family in proxied_families() {
-        let ipt_cfg = iptables_config(&s, family, &initial_node);
-        if s.mode == ProxyMode::Iptables && ipt_cfg.localhost_node_ports_active() {
-            crate::kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
-        }
-        if !ipt_cfg.local_detector.is_implemented() && !s.masquerade_all {
+        let cfg = dataplane_config(&s, family, &initial_node, &crate::kernel::local_addresses());
+        if !cfg.local_detector.is_implemented() && !s.masquerade_all {
             tracing::warn!(
                 family = family.k8s_name(),
                 "no local-traffic detector for this family (no cluster CIDR of it); off-cluster traffic to ClusterIPs is not masqueraded"
@@ -273,41 +249,19 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         }
         // Health-check servers listen where NodePorts do: on every address of the family,
         // or on the --nodeport-addresses ones.
-        let hc_ips: Vec<std::net::IpAddr> = if ipt_cfg.node_port_addresses.match_all() {
+        let hc_ips: Vec<std::net::IpAddr> = if cfg.node_port_addresses.match_all() {
             vec![match family {
                 IpFamily::V4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
                 IpFamily::V6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
             }]
         } else {
-            ipt_cfg
-                .node_port_addresses
-                .filter(&crate::kernel::local_addresses())
+            cfg.node_port_ips.clone()
         };
-        // Rules of the other mode go (upstream's platformCleanup); errors mean "nothing there".
-        cleanup_other_mode(&s, family, &initial_node);
-        let dataplane: Box<dyn Dataplane> = if s.mode == ProxyMode::Nftables {
-            let local = crate::kernel::local_addresses();
-            let p = kp_nftables::NftProxier::new(
-                SystemRunner,
-                kp_nftables::NftConfig {
-                    family,
-                    masquerade_bit: ipt_cfg.masquerade_bit,
-                    masquerade_all: ipt_cfg.masquerade_all,
-                    local_detector: ipt_cfg.local_detector.clone(),
-                    node_port_ips: ipt_cfg.node_port_addresses.filter(&local),
-                    node_port_addresses: ipt_cfg.node_port_addresses.clone(),
-                },
-            )
-            .with_netlink_applier();
-            tracing::info!(
-                family = family.k8s_name(),
-                applier = p.applier(),
-                "nftables mode"
-            );
-            Box::new(p)
-        } else {
-            Box::new(IptablesProxier::new(SystemRunner, ipt_cfg))
-        };
+        cleanup_other_modes(s.mode, &cfg);
+        let dataplane = crate::modes::new_dataplane(s.mode, &cfg)?;
+        for (sysctl, value) in dataplane.required_sysctls() {
+            crate::kernel::write_sysctl(sysctl, value);
+        }
         let (shared, wake_rx) = Shared::new(
             ChangeTracker::new(family, node_name.clone()),
             metrics.clone(),

@@ -7,13 +7,12 @@ mod client;
 mod daemon;
 mod events;
 mod kernel;
+mod modes;
 mod runner;
 mod sandbox;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
-
-use kp_dataplane::{Dataplane, SystemRunner};
 
 fn init_tracing(verbosity: u32) {
     let default = match verbosity {
@@ -126,13 +125,16 @@ fn main() -> ExitCode {
     if loaded.init_only {
         // Privileged set-up only, so the main container can run with fewer capabilities.
         kernel::apply_conntrack(&loaded.settings.conntrack);
-        let cfg = daemon::iptables_config(
+        let cfg = daemon::dataplane_config(
             &loaded.settings,
             kp_model::IpFamily::V4,
             &Default::default(),
+            &[],
         );
-        if cfg.localhost_node_ports_active() {
-            kernel::write_sysctl("net/ipv4/conf/all/route_localnet", 1);
+        if let Ok(dataplane) = modes::new_dataplane(loaded.settings.mode, &cfg) {
+            for (sysctl, value) in dataplane.required_sysctls() {
+                kernel::write_sysctl(sysctl, value);
+            }
         }
         tracing::info!("--init-only: initialisation done");
         return ExitCode::SUCCESS;
@@ -158,32 +160,23 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--cleanup`: remove everything the iptables and nftables modes installed, then exit.
+/// `--cleanup`: remove everything every mode installed, then exit.
 fn cleanup(settings: &kp_config::Settings) -> ExitCode {
     let mut ok = true;
     let node = k8s_openapi::api::core::v1::Node::default();
     for family in [kp_model::IpFamily::V4, kp_model::IpFamily::V6] {
-        let tools = kp_iptables::Tools::for_family(family);
-        if which(&tools.restore).is_none() {
-            continue;
-        }
-        let cfg = daemon::iptables_config(settings, family, &node);
-        let mut p = kp_iptables::IptablesProxier::new(SystemRunner, cfg);
-        match p.cleanup() {
-            Ok(()) => tracing::info!(family = family.k8s_name(), "removed iptables rules"),
-            Err(e) => {
-                tracing::error!(family = family.k8s_name(), error = %e, "cleanup failed");
-                ok = false;
-            }
-        }
-        // nftables mode's tables too, whichever mode ran before.
-        if which("nft").is_some() {
-            let mut p =
-                kp_nftables::NftProxier::new(SystemRunner, daemon::nft_config_for_cleanup(family));
-            match p.cleanup() {
-                Ok(()) => tracing::info!(family = family.k8s_name(), "removed nftables table"),
-                Err(e) => {
-                    tracing::debug!(family = family.k8s_name(), error = %e, "no nftables table to remove")
+        let cfg = daemon::dataplane_config(settings, family, &node, &[]);
+        for mode in kp_dataplane::Mode::ALL {
+            let family = family.k8s_name();
+            match modes::cleanup(mode, &cfg) {
+                modes::Cleaned::Removed => tracing::info!(family, %mode, "removed rules"),
+                modes::Cleaned::ToolMissing => {
+                    tracing::debug!(family, %mode, "tool not installed; nothing to remove")
+                }
+                modes::Cleaned::NotImplemented => {}
+                modes::Cleaned::Failed(e) => {
+                    tracing::error!(family, %mode, error = %e, "cleanup failed");
+                    ok = false;
                 }
             }
         }
@@ -193,11 +186,4 @@ fn cleanup(settings: &kp_config::Settings) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use kp_admin::{IptablesTable, Metrics, ProxierMetrics, ProxyHealth, SyncKind, TrafficPolicy};
-use kp_dataplane::{Dataplane, NodeInfo, SyncError, SyncInput};
+use kp_dataplane::{Dataplane, NodeInfo, RuleKind, SyncError, SyncInput};
 use kp_model::ChangeTracker;
 
 /// State shared by the watchers and the sync loop.
@@ -261,13 +261,13 @@ fn sync_once(
                     pm.observe_network_programming(d);
                 }
             }
-            for (table, n) in &report.rules_total {
-                if let Some(t) = table_of(table) {
+            for (kind, n) in &report.rules_total {
+                if let Some(t) = iptables_table(*kind) {
                     pm.set_iptables_rules_total(t, *n as u64);
                 }
             }
-            for (table, n) in &report.rules_written {
-                if let Some(t) = table_of(table) {
+            for (kind, n) in &report.rules_written {
+                if let Some(t) = iptables_table(*kind) {
                     pm.set_iptables_rules_last(t, *n as u64);
                 }
             }
@@ -304,7 +304,7 @@ fn sync_once(
                 services = state.services.len(),
                 endpoints = own.endpoints,
                 changed_services = changes.services.len(),
-                nat_rules = report.rules_total.get("nat").copied().unwrap_or(0),
+                nat_rules = report.rules_total.get(&RuleKind::IptablesNat).copied().unwrap_or(0),
                 rules_written = report.rules_written.values().sum::<usize>(),
                 bytes = report.bytes_written,
                 elapsed_ms = elapsed.as_secs_f64() * 1000.0,
@@ -325,21 +325,14 @@ fn sync_once(
             true
         }
         Err(e) => {
-            if dataplane.mode() == "nftables" {
-                pm.record_nftables_sync_failure();
-            } else {
-                pm.record_iptables_restore_failure();
-                if !force_full {
-                    pm.record_iptables_partial_restore_failure();
-                }
-            }
+            pm.record_sync_failure(!force_full);
             match &e {
                 SyncError::Apply {
                     tool,
                     message,
                     line,
                 } => tracing::error!(
-                    tool,
+                    tool = tool.as_str(),
                     error = %message,
                     line = line.as_deref().unwrap_or(""),
                     "failed to apply proxy rules"
@@ -351,11 +344,12 @@ fn sync_once(
     }
 }
 
-fn table_of(name: &str) -> Option<IptablesTable> {
-    match name {
-        "filter" => Some(IptablesTable::Filter),
-        "nat" => Some(IptablesTable::Nat),
-        _ => None,
+/// The `table` label of the iptables rule metrics, for the kinds that have one.
+fn iptables_table(kind: RuleKind) -> Option<IptablesTable> {
+    match kind {
+        RuleKind::IptablesFilter => Some(IptablesTable::Filter),
+        RuleKind::IptablesNat => Some(IptablesTable::Nat),
+        RuleKind::NftablesOps => None,
     }
 }
 

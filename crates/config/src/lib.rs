@@ -41,7 +41,7 @@ pub use flags::{
     FLAG_SPECS, FlagKind, FlagSpec, FlagSupport, UPSTREAM_FLAGS, flag_spec, help_text,
 };
 pub use settings::{
-    ConntrackSettings, DetectLocalMode, IpvsSettings, NodePortAddress, ProxyMode, Settings,
+    ConntrackSettings, DetectLocalMode, IpvsSettings, Mode, NodePortAddress, Settings,
 };
 pub use types::{
     API_VERSION, ClientConnectionConfiguration, DetectLocalConfiguration, FormatOptions, KIND,

@@ -14,36 +14,7 @@ use crate::error::FieldError;
 use crate::netparse::{is_valid_port_range, parse_cidr_sloppy, parse_ip_port, parse_ip_sloppy};
 use crate::types::KubeProxyConfiguration;
 
-/// The proxy backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProxyMode {
-    Iptables,
-    Nftables,
-    Ipvs,
-    /// Our own userspace proxy (upstream removed theirs in 1.26).
-    Userspace,
-    /// Windows HNS; only valid on Windows, rejected on Linux.
-    KernelSpace,
-}
-
-impl ProxyMode {
-    /// The spelling used in the config file, `--proxy-mode` and `/proxyMode`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ProxyMode::Iptables => "iptables",
-            ProxyMode::Nftables => "nftables",
-            ProxyMode::Ipvs => "ipvs",
-            ProxyMode::Userspace => "userspace",
-            ProxyMode::KernelSpace => "kernelspace",
-        }
-    }
-}
-
-impl std::fmt::Display for ProxyMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use kp_dataplane::Mode;
 
 /// One `nodePortAddresses` entry. The `localhost` and `all` keywords are expanded to
 /// their CIDRs (127.0.0.0/8 + ::1/128, 0.0.0.0/0 + ::/0).
@@ -93,7 +64,7 @@ pub struct IpvsSettings {
 /// The validated, typed settings the daemon runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    pub mode: ProxyMode,
+    pub mode: Mode,
     /// Node name override, trimmed and lower-cased; `None` = use the hostname.
     pub hostname_override: Option<String>,
     pub kubeconfig: Option<PathBuf>,
@@ -135,16 +106,10 @@ fn none_if_zero(duration: GoDuration) -> Option<Duration> {
     (!duration.is_zero()).then_some(duration.0)
 }
 
-fn parse_mode(mode: &str) -> Result<ProxyMode, FieldError> {
+fn parse_mode(mode: &str) -> Result<Mode, FieldError> {
     let reason = "must be iptables, nftables, ipvs or userspace (kernelspace is Windows-only)";
-    match mode {
-        "iptables" => Ok(ProxyMode::Iptables),
-        "nftables" => Ok(ProxyMode::Nftables),
-        "ipvs" => Ok(ProxyMode::Ipvs),
-        "userspace" => Ok(ProxyMode::Userspace),
-        "kernelspace" if cfg!(windows) => Ok(ProxyMode::KernelSpace),
-        _ => Err(FieldError::quoted("mode", mode, reason)),
-    }
+    mode.parse()
+        .map_err(|_| FieldError::quoted("mode", mode, reason))
 }
 
 fn check_masquerade_bit(field: &str, bit: Option<i32>) -> Result<u32, FieldError> {
@@ -310,8 +275,8 @@ pub(crate) fn build_settings(
 ) -> Result<Settings, FieldError> {
     let mode = parse_mode(&config.mode)?;
     let (section, sync, min) = match mode {
-        ProxyMode::Ipvs => ("ipvs", config.ipvs.sync_period, config.ipvs.min_sync_period),
-        ProxyMode::Nftables => (
+        Mode::Ipvs => ("ipvs", config.ipvs.sync_period, config.ipvs.min_sync_period),
+        Mode::Nftables => (
             "nftables",
             config.nftables.sync_period,
             config.nftables.min_sync_period,
@@ -326,7 +291,7 @@ pub(crate) fn build_settings(
 
     let iptables_bit =
         check_masquerade_bit("iptables.masqueradeBit", config.iptables.masquerade_bit)?;
-    let (masquerade_all, masquerade_bit) = if mode == ProxyMode::Nftables {
+    let (masquerade_all, masquerade_bit) = if mode == Mode::Nftables {
         let bit = check_masquerade_bit("nftables.masqueradeBit", config.nftables.masquerade_bit)?;
         (config.nftables.masquerade_all, bit)
     } else {
@@ -341,7 +306,7 @@ pub(crate) fn build_settings(
         },
         exclude_cidrs: match cidr_list("ipvs.excludeCIDRs", &config.ipvs.exclude_cidrs) {
             Ok(cidrs) => cidrs,
-            Err(err) if mode == ProxyMode::Ipvs => return Err(err),
+            Err(err) if mode == Mode::Ipvs => return Err(err),
             // Upstream validates the ipvs section only in ipvs mode.
             Err(err) => {
                 warnings.push(format!(
@@ -356,7 +321,7 @@ pub(crate) fn build_settings(
         tcp_fin_timeout: none_if_zero(config.ipvs.tcp_fin_timeout),
         udp_timeout: none_if_zero(config.ipvs.udp_timeout),
     };
-    if mode == ProxyMode::Ipvs {
+    if mode == Mode::Ipvs {
         if !IPVS_SCHEDULERS.contains(&ipvs.scheduler.as_str()) {
             return Err(FieldError::quoted(
                 "ipvs.scheduler",

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{HEADER, TempConfig, load_err, load_ok};
-use kp_config::{FLAG_SPECS, FlagKind, FlagSupport, NodePortAddress, ProxyMode, UPSTREAM_FLAGS};
+use kp_config::{FLAG_SPECS, FlagKind, FlagSupport, Mode, NodePortAddress, UPSTREAM_FLAGS};
 
 #[test]
 fn unknown_flag_is_an_error() {
@@ -155,7 +155,7 @@ fn mode_dependent_flags_land_in_the_selected_mode_section() {
         "--masquerade-all",
     ]);
     let s = &loaded.settings;
-    assert_eq!(s.mode, ProxyMode::Nftables);
+    assert_eq!(s.mode, Mode::Nftables);
     assert_eq!(s.sync_period, Duration::from_secs(5));
     assert_eq!(
         s.min_sync_period,
@@ -301,7 +301,7 @@ fn full_upstream_command_line_parses_with_warnings_for_unimplemented_flags() {
     let args = sample_args(&file.flag(), "/tmp/kp-written.yaml");
     let loaded = kp_config::load(args.iter().map(String::as_str)).expect("full command line loads");
     let s = &loaded.settings;
-    assert_eq!(s.mode, ProxyMode::Iptables);
+    assert_eq!(s.mode, Mode::Iptables);
     assert_eq!(s.hostname_override.as_deref(), Some("node-1"));
     assert_eq!(s.master.as_deref(), Some("https://10.0.0.1:6443"));
     assert_eq!((s.api_qps, s.api_burst), (7.5, 20));

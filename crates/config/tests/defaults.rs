@@ -5,13 +5,13 @@ mod common;
 use std::time::Duration;
 
 use common::load_ok;
-use kp_config::{DetectLocalMode, ProxyMode, default_config};
+use kp_config::{DetectLocalMode, Mode, default_config};
 
 #[test]
 fn empty_command_line_yields_upstream_defaults() {
     let loaded = load_ok(&[]);
     let s = &loaded.settings;
-    assert_eq!(s.mode, ProxyMode::Iptables);
+    assert_eq!(s.mode, Mode::Iptables);
     assert_eq!(s.hostname_override, None);
     assert_eq!(s.kubeconfig, None);
     assert_eq!(s.master, None);

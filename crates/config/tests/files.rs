@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{HEADER, TempConfig, load_err, load_ok};
-use kp_config::{DetectLocalMode, NodePortAddress, ProxyMode};
+use kp_config::{DetectLocalMode, Mode, NodePortAddress};
 
 /// What kubeadm 1.3x writes into the kube-proxy ConfigMap: zero values and nulls that
 /// defaulting must fill, and `flushFrequency` given as integer nanoseconds.
@@ -84,7 +84,7 @@ fn kubeadm_daemonset_command_line_loads() {
     // The DaemonSet passes `--hostname-override=$(NODE_NAME)`, expanded by the kubelet.
     let loaded = load_ok(&[&file.flag(), "--hostname-override=Worker-1"]);
     let s = &loaded.settings;
-    assert_eq!(s.mode, ProxyMode::Iptables);
+    assert_eq!(s.mode, Mode::Iptables);
     assert_eq!(s.hostname_override.as_deref(), Some("worker-1"));
     assert_eq!(
         s.kubeconfig.as_deref(),
@@ -118,7 +118,7 @@ fn yaml_file_values_reach_the_settings() {
     let file = TempConfig::new("kp.yaml", &yaml);
     let loaded = load_ok(&[&file.flag()]);
     let s = &loaded.settings;
-    assert_eq!(s.mode, ProxyMode::Nftables);
+    assert_eq!(s.mode, Mode::Nftables);
     assert!(s.masquerade_all);
     assert_eq!(s.masquerade_bit, 5);
     assert_eq!(s.sync_period, Duration::from_secs(60));
@@ -153,7 +153,7 @@ fn json_file_loads() {
     let file = TempConfig::new("kp.json", json);
     let loaded = load_ok(&[&file.flag()]);
     let s = &loaded.settings;
-    assert_eq!(s.mode, ProxyMode::Ipvs);
+    assert_eq!(s.mode, Mode::Ipvs);
     assert_eq!(s.ipvs.scheduler, "wlc");
     assert!(s.ipvs.strict_arp);
     assert_eq!(

@@ -2,10 +2,15 @@
 //! local-traffic detection, node-port address selection, and the one boundary through which
 //! backends run kernel tools ([`CommandRunner`]).
 
+mod config;
 mod exec;
 mod local;
+mod mode;
 mod names;
 mod nodeport;
+
+pub use config::DataplaneConfig;
+pub use mode::{Mode, UnknownMode};
 
 pub use exec::{
     CommandError, CommandOutput, CommandRunner, RecordedCall, RecordingRunner, SystemRunner,
@@ -42,14 +47,63 @@ pub struct SyncInput<'a> {
     pub force_full: bool,
 }
 
+/// What a sync counts, per kind of kernel object (rules per iptables table, nftables
+/// operations; IPVS objects to come). The runner maps each kind to its metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleKind {
+    IptablesFilter,
+    IptablesNat,
+    /// Operations (adds, deletes, flushes) in an nftables transaction.
+    NftablesOps,
+}
+
+impl RuleKind {
+    /// The name in logs (`nat_rules=...`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::IptablesFilter => "filter",
+            RuleKind::IptablesNat => "nat",
+            RuleKind::NftablesOps => "nft-ops",
+        }
+    }
+}
+
+/// The program or kernel interface that applied (or refused) a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Applier {
+    IptablesRestore,
+    IptablesSave,
+    Iptables,
+    Nft,
+    Nfnetlink,
+}
+
+impl Applier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Applier::IptablesRestore => "iptables-restore",
+            Applier::IptablesSave => "iptables-save",
+            Applier::Iptables => "iptables",
+            Applier::Nft => "nft",
+            Applier::Nfnetlink => "nfnetlink",
+        }
+    }
+}
+
+impl std::fmt::Display for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a sync did, for metrics, health-check servers and logs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SyncReport {
     pub full: bool,
     /// Rules this proxy owns, per table (kept even for chains a partial sync skipped).
-    pub rules_total: BTreeMap<&'static str, usize>,
+    pub rules_total: BTreeMap<RuleKind, usize>,
     /// Rules written by this sync, per table.
-    pub rules_written: BTreeMap<&'static str, usize>,
+    pub rules_written: BTreeMap<RuleKind, usize>,
     /// Services with internalTrafficPolicy Local and no local endpoints.
     pub no_local_endpoints_internal: usize,
     /// Services with externalTrafficPolicy Local and no local endpoints.
@@ -68,27 +122,41 @@ pub struct SyncReport {
 /// A failed sync. The next sync after a failure is a full one.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// The tool or the kernel refused the input (or, for netlink, its outcome is unknown).
     #[error("{tool} failed: {message}")]
     Apply {
-        tool: &'static str,
+        tool: Applier,
         message: String,
         /// The input line the tool complained about, when it named one.
         line: Option<String>,
     },
+    /// The tool could not be run.
     #[error(transparent)]
     Command(#[from] CommandError),
 }
 
+impl SyncError {
+    /// The backend's tool is not installed (a mode whose objects cannot be present).
+    pub fn is_tool_missing(&self) -> bool {
+        matches!(self, SyncError::Command(CommandError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 /// One dataplane for one IP family.
 pub trait Dataplane: Send {
-    /// Mode name as `/proxyMode` answers it.
-    fn mode(&self) -> &'static str;
+    fn mode(&self) -> Mode;
     fn family(&self) -> IpFamily;
     /// Makes the kernel match `input.state`. Idempotent. Partial unless forced or after a
     /// failure.
     fn sync(&mut self, input: &SyncInput<'_>) -> Result<SyncReport, SyncError>;
     /// Cheap check, run every syncPeriod, whether someone removed our rules (canary).
     fn needs_full_sync(&mut self) -> bool;
-    /// Removes everything this mode ever installed.
+    /// Removes everything this mode ever installed. Nothing there is not an error.
     fn cleanup(&mut self) -> Result<(), SyncError>;
+    /// Kernel settings (`/proc/sys` paths and values) the mode needs before its first
+    /// sync; the agent writes them (and logs what it could not).
+    fn required_sysctls(&self) -> Vec<(&'static str, i64)> {
+        Vec::new()
+    }
 }

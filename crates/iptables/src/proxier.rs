@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
+use kp_dataplane::{Applier, CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
 use kp_model::{IpFamily, NamespacedName};
 
 use crate::render::*;
@@ -425,12 +425,12 @@ fn apply_error(tool: &str, stderr: &str, input: Option<&str>) -> SyncError {
             .ok()?;
         text.lines().nth(n.checked_sub(1)?).map(str::to_string)
     });
-    let tool: &'static str = if tool.contains("restore") {
-        "iptables-restore"
+    let tool = if tool.contains("restore") {
+        Applier::IptablesRestore
     } else if tool.contains("save") {
-        "iptables-save"
+        Applier::IptablesSave
     } else {
-        "iptables"
+        Applier::Iptables
     };
     SyncError::Apply {
         tool,
@@ -440,8 +440,17 @@ fn apply_error(tool: &str, stderr: &str, input: Option<&str>) -> SyncError {
 }
 
 impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
-    fn mode(&self) -> &'static str {
-        "iptables"
+    fn mode(&self) -> kp_dataplane::Mode {
+        kp_dataplane::Mode::Iptables
+    }
+
+    fn required_sysctls(&self) -> Vec<(&'static str, i64)> {
+        // Localhost NodePorts are DNATed from 127/8, which the kernel routes only so.
+        if self.cfg.localhost_node_ports_active() {
+            vec![("net/ipv4/conf/all/route_localnet", 1)]
+        } else {
+            Vec::new()
+        }
     }
 
     fn family(&self) -> IpFamily {
@@ -719,7 +728,7 @@ mod tests {
         assert!(third_line.starts_with(":KUBE-"), "{third_line}");
         match err {
             SyncError::Apply { tool, line, .. } => {
-                assert_eq!(tool, "iptables-restore");
+                assert_eq!(tool, Applier::IptablesRestore);
                 assert_eq!(line.as_deref(), Some(third_line));
             }
             other => panic!("{other}"),

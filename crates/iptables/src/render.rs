@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use kp_dataplane::{
-    LocalDetector, NodeInfo, NodePortAddresses, endpoint_chain_name, service_chain_name,
+    LocalDetector, NodeInfo, NodePortAddresses, RuleKind, endpoint_chain_name, service_chain_name,
 };
 use kp_model::{IpFamily, NamespacedName, ProxyState, ServicePort, categorize_endpoints};
 
@@ -46,6 +46,21 @@ pub struct IptablesConfig {
     pub random_fully: bool,
 }
 
+impl From<&kp_dataplane::DataplaneConfig> for IptablesConfig {
+    fn from(c: &kp_dataplane::DataplaneConfig) -> Self {
+        IptablesConfig {
+            family: c.family,
+            masquerade_bit: c.masquerade_bit,
+            masquerade_all: c.masquerade_all,
+            local_detector: c.local_detector.clone(),
+            node_port_addresses: c.node_port_addresses.clone(),
+            localhost_node_ports: c.localhost_node_ports,
+            tcp_be_liberal: c.tcp_be_liberal,
+            random_fully: c.random_fully,
+        }
+    }
+}
+
 impl IptablesConfig {
     pub fn masquerade_mark(&self) -> String {
         format!("{:#08x}", 1u32 << self.masquerade_bit)
@@ -66,8 +81,8 @@ pub struct Rendered {
     pub text: String,
     /// Per-service nat chains that exist after this sync.
     pub active_nat_chains: BTreeSet<String>,
-    pub rules_written: BTreeMap<&'static str, usize>,
-    pub rules_total: BTreeMap<&'static str, usize>,
+    pub rules_written: BTreeMap<RuleKind, usize>,
+    pub rules_total: BTreeMap<RuleKind, usize>,
     /// Rule counts of per-service chains, to keep totals right when later syncs skip them.
     pub service_rule_counts: HashMap<NamespacedName, usize>,
     pub no_local_endpoints_internal: usize,
@@ -414,11 +429,14 @@ pub fn render(
         deletes.trailer(&format!("-X {chain}"));
     }
 
-    out.rules_written.insert("filter", filter_rules.rules);
-    out.rules_written.insert("nat", nat_rules.rules);
-    out.rules_total.insert("filter", filter_rules.rules);
+    out.rules_written
+        .insert(RuleKind::IptablesFilter, filter_rules.rules);
+    out.rules_written
+        .insert(RuleKind::IptablesNat, nat_rules.rules);
     out.rules_total
-        .insert("nat", nat_rules.rules + skipped_rules);
+        .insert(RuleKind::IptablesFilter, filter_rules.rules);
+    out.rules_total
+        .insert(RuleKind::IptablesNat, nat_rules.rules + skipped_rules);
 
     let mut text = String::with_capacity(
         filter_rules.len() + nat_rules.len() + nat_chains.len() + deletes.len() + 256,

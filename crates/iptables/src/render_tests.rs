@@ -219,8 +219,13 @@ fn partial_sync_rewrites_only_changed_services_and_deletes_stale_chains() {
         .find(|c| c.starts_with("KUBE-SEP") && !partial.active_nat_chains.contains(*c))
         .unwrap();
     assert!(partial.text.contains(&format!("-X {old_sep}")));
-    assert_eq!(partial.rules_total["nat"], full.rules_total["nat"]);
-    assert!(partial.rules_written["nat"] < full.rules_written["nat"]);
+    assert_eq!(
+        partial.rules_total[&RuleKind::IptablesNat],
+        full.rules_total[&RuleKind::IptablesNat]
+    );
+    assert!(
+        partial.rules_written[&RuleKind::IptablesNat] < full.rules_written[&RuleKind::IptablesNat]
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use kp_dataplane::{CommandRunner, Dataplane, SyncError, SyncInput, SyncReport};
+use kp_dataplane::{Applier, CommandRunner, Dataplane, RuleKind, SyncError, SyncInput, SyncReport};
 use kp_model::{
     Endpoint, IpFamily, NamespacedName, NodeTopology, Protocol, ProxyState, ServicePort,
     ServicePortName, categorize_endpoints,
@@ -718,7 +718,7 @@ impl<R: CommandRunner> NftProxier<R> {
                 message,
                 more,
             }) => Err(SyncError::Apply {
-                tool: "nfnetlink",
+                tool: Applier::Nfnetlink,
                 message: format!(
                     "line {line}: {message} (errno {errno}){}",
                     if more > 0 {
@@ -732,7 +732,7 @@ impl<R: CommandRunner> NftProxier<R> {
             // Whether the batch was committed is unknown: report it, and the full sync
             // that follows a failure replaces the table atomically either way.
             Err(e) => Err(SyncError::Apply {
-                tool: "nfnetlink",
+                tool: Applier::Nfnetlink,
                 message: e.to_string(),
                 line: None,
             }),
@@ -762,7 +762,7 @@ impl<R: CommandRunner> NftProxier<R> {
             .collect::<Vec<_>>()
             .join(" | ");
         Err(SyncError::Apply {
-            tool: "nft",
+            tool: Applier::Nft,
             message,
             line,
         })
@@ -798,7 +798,7 @@ impl<R: CommandRunner> NftProxier<R> {
             warnings,
             ..Default::default()
         };
-        r.rules_written.insert("nft-ops", ops);
+        r.rules_written.insert(RuleKind::NftablesOps, ops);
         r.no_local_endpoints_internal = self.mem.totals.no_local_endpoints_internal;
         r.no_local_endpoints_external = self.mem.totals.no_local_endpoints_external;
         r.health_checks = self.mem.health_checks.clone();
@@ -807,8 +807,8 @@ impl<R: CommandRunner> NftProxier<R> {
 }
 
 impl<R: CommandRunner> Dataplane for NftProxier<R> {
-    fn mode(&self) -> &'static str {
-        "nftables"
+    fn mode(&self) -> kp_dataplane::Mode {
+        kp_dataplane::Mode::Nftables
     }
 
     fn family(&self) -> IpFamily {

@@ -279,7 +279,7 @@ fn failed_transaction_reports_the_line_and_forces_full_sync() {
         .unwrap_err();
     match err {
         SyncError::Apply { tool, line, .. } => {
-            assert_eq!(tool, "nft");
+            assert_eq!(tool, kp_dataplane::Applier::Nft);
             assert!(line.is_some());
         }
         other => panic!("{other}"),

@@ -124,6 +124,19 @@ pub struct NftConfig {
     pub node_port_ips: Vec<IpAddr>,
 }
 
+impl From<&kp_dataplane::DataplaneConfig> for NftConfig {
+    fn from(c: &kp_dataplane::DataplaneConfig) -> Self {
+        NftConfig {
+            family: c.family,
+            masquerade_bit: c.masquerade_bit,
+            masquerade_all: c.masquerade_all,
+            local_detector: c.local_detector.clone(),
+            node_port_addresses: c.node_port_addresses.clone(),
+            node_port_ips: c.node_port_ips.clone(),
+        }
+    }
+}
+
 impl NftConfig {
     pub fn nft_family(&self) -> &'static str {
         match self.family {
