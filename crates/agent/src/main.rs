@@ -1,7 +1,7 @@
 //! kube-proxy-rs: a drop-in replacement for Kubernetes' kube-proxy.
 //!
-//! `kube-proxy-rs [upstream kube-proxy flags]` runs the proxy;
-//! `kube-proxy-rs sandbox [manifest]` runs the embedded walk-through without a cluster.
+//! `kube-proxy-rs [upstream kube-proxy flags]` runs the proxy. The walk-through without a
+//! cluster is the `kp-sandbox` binary (crates/sandbox), which runs this one.
 
 mod client;
 mod daemon;
@@ -9,7 +9,6 @@ mod events;
 mod kernel;
 mod modes;
 mod runner;
-mod sandbox;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -54,14 +53,10 @@ fn main() -> ExitCode {
     malloc_setup();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     if args.first().is_some_and(|a| a == "sandbox") {
-        init_tracing(0);
-        return match sandbox::main(&args[1..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("kube-proxy-rs sandbox: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        eprintln!(
+            "kube-proxy-rs: the sandbox is its own binary now: ./scripts/kp sandbox (or target/release/kp-sandbox)"
+        );
+        return ExitCode::from(2);
     }
     let loaded = match kp_config::load(args) {
         Ok(l) => l,

@@ -1,5 +1,5 @@
 //! A lab: namespaces + API-server emulator + mini control plane + kube-proxy-rs processes,
-//! one per node. Used by the end-to-end tests and by `kube-proxy-rs sandbox`.
+//! one per node. Used by the end-to-end tests and by `kp-sandbox`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

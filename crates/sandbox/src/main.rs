@@ -1,12 +1,14 @@
-//! `kube-proxy-rs sandbox [MANIFEST]`: the walk-through on a machine with no cluster.
+//! `kp-sandbox [MANIFEST]` (run by `./scripts/kp sandbox`): the walk-through on a machine
+//! with no cluster.
 //!
 //! Starts the API-server emulator in-process, builds throwaway network namespaces (a node,
 //! pods, an external client), applies the manifest (default: examples/redis.yaml), runs
-//! this very binary as the proxy in the node namespace, prints the rules it programmed and
-//! the traffic distribution it measured, then removes everything.
+//! the `kube-proxy-rs` binary (`--binary`, default: the one beside this one) as the proxy
+//! in the node namespace, prints the rules it programmed and the traffic distribution it
+//! measured, then removes everything. A binary of its own, so the proxy's image carries
+//! neither the emulator nor the namespace lab.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,7 @@ const DEFAULT_MANIFEST: &str = include_str!("../../../examples/redis.yaml");
 
 #[derive(Parser, Debug)]
 #[command(
-    name = "kube-proxy-rs sandbox",
+    name = "kp-sandbox",
     about = "Run the Service walk-through in throwaway namespaces"
 )]
 struct Args {
@@ -34,6 +36,9 @@ struct Args {
     /// Extra flags for the proxy, e.g. --proxy-arg=--masquerade-all.
     #[arg(long = "proxy-arg")]
     proxy_args: Vec<String>,
+    /// The kube-proxy-rs binary to run; default: `kube-proxy-rs` beside this binary.
+    #[arg(long)]
+    binary: Option<std::path::PathBuf>,
 }
 
 struct PortTarget {
@@ -44,11 +49,25 @@ struct PortTarget {
     kind: &'static str,
 }
 
-pub fn main(args: &[OsString]) -> anyhow::Result<()> {
-    let args = Args::try_parse_from(
-        std::iter::once(OsString::from("sandbox")).chain(args.iter().cloned()),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KUBE_PROXY_RS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kp-sandbox: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the sandbox creates network namespaces and loads iptables rules: run it as root");
     }
@@ -62,7 +81,18 @@ pub fn main(args: &[OsString]) -> anyhow::Result<()> {
             "examples/redis.yaml (built in)".to_string(),
         ),
     };
-    let binary = std::env::current_exe().context("locating this binary")?;
+    let binary = match &args.binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .context("locating this binary")?
+            .with_file_name("kube-proxy-rs"),
+    };
+    if !binary.is_file() {
+        bail!(
+            "no kube-proxy-rs binary at {} (build it: cargo build --release -p kube-proxy-rs, or pass --binary)",
+            binary.display()
+        );
+    }
 
     println!("== kube-proxy-rs sandbox ==");
     let t0 = Instant::now();

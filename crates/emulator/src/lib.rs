@@ -6,7 +6,7 @@
 //! failing or stalled requests) to exercise a client's recovery paths.
 //!
 //! ```no_run
-//! use kp_testkit::emulator::{Emulator, EmulatorOptions};
+//! use kp_emulator::{Emulator, EmulatorOptions};
 //! let emulator = Emulator::start(EmulatorOptions::default())?;
 //! emulator.apply(serde_json::json!({
 //!     "apiVersion": "v1", "kind": "Service",

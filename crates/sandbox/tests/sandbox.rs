@@ -1,13 +1,29 @@
-//! README's first command: `kube-proxy-rs sandbox` runs the redis walk-through end to end
-//! (emulator, namespaces, pods, the real proxy, traffic) in both modes. Needs root.
+//! README's first command: `kp-sandbox` (what `./scripts/kp sandbox` runs) runs the redis
+//! walk-through end to end (emulator, namespaces, pods, the real proxy, traffic) in both
+//! modes. Needs root.
 
+use std::path::PathBuf;
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
+const BIN: &str = env!("CARGO_BIN_EXE_kp-sandbox");
+
+/// The proxy binary beside kp-sandbox: `cargo test --workspace` builds it with the
+/// kube-proxy-rs tests (a nested cargo would wait for the build lock the test run holds).
+fn proxy_binary() -> PathBuf {
+    let bin = PathBuf::from(BIN).with_file_name("kube-proxy-rs");
+    assert!(
+        bin.is_file(),
+        "{} missing: run cargo build -p kube-proxy-rs (or cargo test --workspace) first",
+        bin.display()
+    );
+    bin
+}
 
 fn sandbox(extra: &[&str]) -> String {
     let out = Command::new(BIN)
-        .args(["sandbox", "--connections", "40"])
+        .arg("--binary")
+        .arg(proxy_binary())
+        .args(["--connections", "40"])
         .args(extra)
         .output()
         .expect("run sandbox");
@@ -60,4 +76,26 @@ fn sandbox_walkthrough_in_both_modes() {
             "{text}"
         );
     }
+}
+
+/// The test kit stays out of the proxy: the kube-proxy-rs binary (same dependency graph
+/// as the image's release build, `cargo build -p kube-proxy-rs`) holds no symbol of the
+/// emulator, the lab or the certificate generator, while kp-sandbox, built from the same
+/// tree, does (so the check can fail).
+#[test]
+fn proxy_binary_carries_no_test_kit() {
+    let kit = ["kp_emulator", "kp_testkit", "rcgen"];
+    let found = |path: &std::path::Path| -> Vec<&str> {
+        let bytes = std::fs::read(path).expect("read binary");
+        kit.iter()
+            .copied()
+            .filter(|k| bytes.windows(k.len()).any(|w| w == k.as_bytes()))
+            .collect()
+    };
+    assert_eq!(
+        found(std::path::Path::new(BIN)),
+        kit,
+        "control: kp-sandbox has the kit"
+    );
+    assert_eq!(found(&proxy_binary()), Vec::<&str>::new(), "kube-proxy-rs");
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kp_testkit::emulator::EmulatorOptions;
+use kp_emulator::EmulatorOptions;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
@@ -667,7 +667,7 @@ fn yaml_manifests_and_the_object_api() {
 #[test]
 fn emulator_can_be_shared_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
-    assert_send_sync::<kp_testkit::emulator::Emulator>();
+    assert_send_sync::<kp_emulator::Emulator>();
     let emulator = std::sync::Arc::new(start());
     let writers: Vec<_> = (0..4)
         .map(|i| {
