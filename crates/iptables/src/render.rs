@@ -317,26 +317,15 @@ pub fn render(
     // "VIP on the node" loopback case).
     let node_ips: &[IpAddr] = &node.node_ips;
 
-    // A NodePort belongs to the first service (in name order) that claims it; the API
-    // server prevents clashes, so one here means a broken writer: keep the first, warn.
-    let mut node_port_owner: HashMap<(kp_model::Protocol, u16), &kp_model::ServicePortName> =
-        HashMap::new();
+    // A NodePort two services claim belongs to the first in name order (kp-model's rule).
+    let mut claims = kp_model::NodePortClaims::default();
     let mut node_port_losers: BTreeSet<&kp_model::ServicePortName> = BTreeSet::new();
     for svc in state.services.values() {
-        if let Some(np) = svc.node_port {
-            match node_port_owner.get(&(svc.protocol, np)) {
-                Some(owner) => {
-                    out.warnings.push(format!(
-                        "service {}: nodePort {np}/{} is already used by {owner}; its NodePort rules are skipped",
-                        svc.name,
-                        svc.protocol.upper()
-                    ));
-                    node_port_losers.insert(&svc.name);
-                }
-                None => {
-                    node_port_owner.insert((svc.protocol, np), &svc.name);
-                }
-            }
+        if !claims
+            .claim(&svc.name.service, [&**svc], &mut out.warnings)
+            .is_empty()
+        {
+            node_port_losers.insert(&svc.name);
         }
     }
 
@@ -348,7 +337,8 @@ pub fn render(
         let cat = categorize_endpoints(svc, eps, &node.topology);
         let mut chains = Lines::default();
         let mut rules = Lines::default();
-        let stats = render_service(
+        let facts = kp_model::port_facts(svc, eps, &cat);
+        render_service(
             &ctx,
             svc,
             &cat,
@@ -360,16 +350,10 @@ pub fn render(
             &mut out.active_nat_chains,
             !node_port_losers.contains(&svc.name),
         );
-        out.no_local_endpoints_internal += stats.no_local_internal as usize;
-        out.no_local_endpoints_external += stats.no_local_external as usize;
-        if let Some(hc) = svc.health_check_node_port {
-            let local_ready: BTreeSet<IpAddr> = eps
-                .iter()
-                .filter(|e| e.is_local && e.ready)
-                .map(|e| e.ip)
-                .collect();
-            out.health_checks
-                .insert(key.clone(), (hc, local_ready.len()));
+        out.no_local_endpoints_internal += facts.no_local_internal as usize;
+        out.no_local_endpoints_external += facts.no_local_external as usize;
+        if let Some(hc) = facts.health_check {
+            out.health_checks.insert(key.clone(), hc);
         }
         *svc_counts.entry(key.clone()).or_default() += rules.rules;
         if rewrite {
@@ -456,12 +440,6 @@ pub fn render(
     out
 }
 
-#[derive(Default)]
-struct ServiceStats {
-    no_local_internal: bool,
-    no_local_external: bool,
-}
-
 /// Writes one service port: its entry rules into the shared top-level chains, and its own
 /// chains into `chains`/`rules` (which the caller drops on a partial sync if unchanged).
 #[allow(clippy::too_many_arguments)]
@@ -476,7 +454,7 @@ fn render_service(
     rules: &mut Lines,
     active: &mut BTreeSet<String>,
     owns_node_port: bool,
-) -> ServiceStats {
+) {
     let cfg = ctx.cfg;
     let name = svc.name.to_string();
     let proto = svc.protocol.lower();
@@ -510,16 +488,12 @@ fn render_service(
     let uses_ext_chain = cat.has_any && svc.externally_accessible();
     let uses_fw = uses_ext_chain && !svc.load_balancer_source_ranges.is_empty();
 
-    let mut stats = ServiceStats::default();
     let (int_target, int_comment) = if cat.has_any {
-        stats.no_local_internal = svc.internal_policy_local && !has_internal;
         ("DROP", format!("{name} has no local endpoints"))
     } else {
         ("REJECT", format!("{name} has no endpoints"))
     };
     let (ext_target, ext_comment) = if cat.has_any {
-        stats.no_local_external =
-            svc.external_policy_local && svc.externally_accessible() && !has_external;
         ("DROP", format!("{name} has no local endpoints"))
     } else {
         ("REJECT", format!("{name} has no endpoints"))
@@ -831,7 +805,6 @@ fn render_service(
         dnat.extend(s(&["-j", "DNAT", "--to-destination", &addr]));
         rule(rules, &[&dnat]);
     }
-    stats
 }
 
 /// Affinity rules, then `statistic` rules: endpoint i of n matches with probability

@@ -175,7 +175,8 @@ mod tests {
         let s = sanitize_comment("a\"b\nc -j ACCEPT\\ ü;$(x)`");
         assert!(!s.contains('"') && !s.contains('\n') && !s.contains('\\') && !s.contains('`'));
         assert!(!s.contains(';') && !s.contains('$'));
-        assert_eq!(sanitize_comment(&"x".repeat(1000)).len(), 256);
+        // 255: iptables-nft keeps 255 of a 256-byte comment, so 256 would read back changed.
+        assert_eq!(sanitize_comment(&"x".repeat(1000)).len(), 255);
         let mut l = Lines::default();
         l.rule(&[
             "-A",

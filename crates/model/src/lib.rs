@@ -11,6 +11,7 @@
 mod convert;
 mod ip;
 mod names;
+mod policy;
 mod topology;
 mod tracker;
 mod types;
@@ -21,6 +22,7 @@ pub use convert::{
 };
 pub use ip::{parse_cidr_sloppy, parse_ip_sloppy};
 pub use names::{is_dns1123_label, is_dns1123_subdomain};
+pub use policy::{NodePortClaims, PortFacts, port_facts};
 pub use topology::{CategorizedEndpoints, NodeTopology, categorize_endpoints};
 pub use tracker::{ChangeSet, ChangeTracker, ProxyState, SliceKey};
 pub use types::*;

@@ -27,8 +27,8 @@ pub struct NftProxier<R: CommandRunner> {
     node: Arc<NodeView>,
     /// Statements per transaction when a sync is split.
     transaction_statements: usize,
-    /// Which service owns each NodePort (first claimant wins; clashes are warned about).
-    node_ports: HashMap<(Protocol, u16), NamespacedName>,
+    /// Which service owns each NodePort (kp-model's first-claimant rule).
+    node_ports: kp_model::NodePortClaims,
     /// Sends transactions over nfnetlink; `nft -f` reads the whole table into its cache
     /// first (about 1 s at 10k services). `None`: every transaction goes to `nft -f`.
     netlink: Option<kp_nftnl::NetlinkApplier>,
@@ -212,7 +212,7 @@ impl<R: CommandRunner> NftProxier<R> {
             mem: Memory::default(),
             node: Arc::default(),
             transaction_statements: TRANSACTION_STATEMENTS,
-            node_ports: HashMap::new(),
+            node_ports: kp_model::NodePortClaims::default(),
             netlink: None,
             last_apply: std::time::Duration::ZERO,
         }
@@ -288,25 +288,11 @@ impl<R: CommandRunner> NftProxier<R> {
         svc: &NamespacedName,
         warnings: &mut Vec<String>,
     ) -> Kept {
-        self.node_ports.retain(|_, owner| owner != svc);
+        self.node_ports.release(svc);
         let ports = ports_of(state, svc);
-        let mut skipped = Vec::new();
-        for (port, _) in ports.iter() {
-            let Some(np) = port.node_port else { continue };
-            match self.node_ports.get(&(port.protocol, np)) {
-                Some(owner) if owner != svc => {
-                    warnings.push(format!(
-                        "service {}: nodePort {np}/{} is already used by {owner}; its NodePort rules are skipped",
-                        port.name,
-                        port.protocol.upper()
-                    ));
-                    skipped.push((port.protocol, np));
-                }
-                _ => {
-                    self.node_ports.insert((port.protocol, np), svc.clone());
-                }
-            }
-        }
+        let skipped = self
+            .node_ports
+            .claim(svc, ports.iter().map(|(p, _)| &**p), warnings);
         Kept {
             ports,
             node: self.node.clone(),
@@ -323,23 +309,11 @@ impl<R: CommandRunner> NftProxier<R> {
         for (port, eps) in kept.ports.iter() {
             let eps = eps.as_deref().map(|v| v.as_slice()).unwrap_or(&[]);
             let cat = categorize_endpoints(port, eps, &node.topology);
-            if port.internal_policy_local && cat.local.is_empty() && cat.has_any {
-                merged.report.no_local_endpoints_internal += 1;
-            }
-            if port.external_policy_local
-                && port.externally_accessible()
-                && cat.local.is_empty()
-                && cat.has_any
-            {
-                merged.report.no_local_endpoints_external += 1;
-            }
-            if let Some(hc) = port.health_check_node_port {
-                let local: BTreeSet<_> = eps
-                    .iter()
-                    .filter(|e| e.is_local && e.ready)
-                    .map(|e| e.ip)
-                    .collect();
-                merged.report.health_check = Some((hc, local.len()));
+            let facts = kp_model::port_facts(port, eps, &cat);
+            merged.report.no_local_endpoints_internal += facts.no_local_internal as usize;
+            merged.report.no_local_endpoints_external += facts.no_local_external as usize;
+            if facts.health_check.is_some() {
+                merged.report.health_check = facts.health_check;
             }
             let mut o = render_service(&self.cfg, port, &cat, &node.node_ips);
             if let Some(np) = port.node_port
@@ -408,7 +382,7 @@ impl<R: CommandRunner> NftProxier<R> {
         warnings: &mut Vec<String>,
         cold: bool,
     ) -> (Tx, Memory) {
-        self.node_ports.clear();
+        self.node_ports = kp_model::NodePortClaims::default();
         let mut tx = Tx::new(self.cfg.nft_family());
         tx.replace_table();
         if cold {
