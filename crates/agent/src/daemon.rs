@@ -13,7 +13,7 @@ use kp_dataplane::{DataplaneConfig, LocalDetector, NodePortAddresses};
 use kp_model::{ChangeTracker, IpFamily};
 use kp_watch::{ObjectEvent, Watchers, object_name, run_watcher};
 
-use crate::runner::{RunnerConfig, Shared, run_sync_loop};
+use crate::runner::{Shared, run_sync_loop};
 
 /// The node name: `--hostname-override`, else the host name, lower-cased.
 pub fn node_name(settings: &kp_config::Settings) -> anyhow::Result<String> {
@@ -227,7 +227,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         Node::default()
     };
 
-    let runner_cfg = RunnerConfig {
+    let runner_cfg = kp_dataplane::ScheduleConfig {
         min_sync_period: s.min_sync_period,
         sync_period: s.sync_period,
         full_sync_period: Duration::from_secs(3600),

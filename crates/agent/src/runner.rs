@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use kp_admin::{IptablesTable, Metrics, ProxierMetrics, ProxyHealth, SyncKind, TrafficPolicy};
-use kp_dataplane::{Dataplane, NodeInfo, RuleKind, SyncError, SyncInput};
+use kp_dataplane::{
+    Action, Dataplane, NodeInfo, RuleKind, ScheduleConfig, SyncError, SyncInput, SyncSchedule,
+};
 use kp_model::ChangeTracker;
 
 /// State shared by the watchers and the sync loop.
@@ -85,25 +87,13 @@ impl Shared {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct RunnerConfig {
-    pub min_sync_period: Duration,
-    pub sync_period: Duration,
-    /// Full resync period even without a detected flush (upstream: 1 hour).
-    pub full_sync_period: Duration,
-}
-
-fn backoff(failures: u32, cfg: &RunnerConfig) -> Duration {
-    let base = Duration::from_millis(500) * 2u32.saturating_pow(failures.saturating_sub(1).min(10));
-    base.min(cfg.sync_period.max(Duration::from_secs(1)))
-}
-
-/// Runs until `shared.stop` is set.
+/// Runs until `shared.stop` is set. When to sync is [`SyncSchedule`]'s decision; this
+/// loop only waits, asks the dataplane and reports back.
 pub fn run_sync_loop(
     shared: Arc<Shared>,
     mut dataplane: Box<dyn Dataplane>,
     wake: Receiver<()>,
-    cfg: RunnerConfig,
+    cfg: ScheduleConfig,
 ) {
     // Upstream waits for Services and EndpointSlices; waiting for the Node's first list too
     // means zone and node IPs are known at the first sync, so it is not followed at once
@@ -119,79 +109,46 @@ pub fn run_sync_loop(
     }
     tracing::info!("initial Service and EndpointSlice lists complete; programming the dataplane");
 
-    let mut force_full = true;
-    let mut first = true;
+    let mut schedule = SyncSchedule::new(cfg, Instant::now());
     // The state, drained into by the sync thread (one copy, outside the tracker's lock).
     let mut state = SyncState::default();
-    let mut last_end: Option<Instant> = None;
-    let mut retry_at: Option<Instant> = None;
-    let mut failures = 0u32;
-    let start = Instant::now();
-    let mut next_check = start + cfg.sync_period;
-    let mut next_full = start + cfg.full_sync_period;
-
     while !shared.stop.load(Ordering::SeqCst) {
-        let now = Instant::now();
-        if now >= next_check {
-            next_check = now + cfg.sync_period;
-            // After a successful sync the only reason the dataplane wants a full one is
-            // that its probe found our rules gone (the proxier logs what it found).
-            let settled = !first && !force_full && retry_at.is_none();
-            if dataplane.needs_full_sync() {
-                if settled {
-                    shared.proxier_metrics.record_drift_repair();
-                }
-                force_full = true;
-            }
-        }
-        if now >= next_full {
-            next_full = now + cfg.full_sync_period;
-            force_full = true;
-        }
         if shared.node_changed.swap(false, Ordering::SeqCst) {
-            force_full = true;
+            schedule.node_changed();
         }
-        let has_pending = shared
+        let changes_pending = shared
             .tracker
             .lock()
             .map(|t| t.has_pending())
             .unwrap_or(false);
-        let pending = first || force_full || has_pending || retry_at.is_some();
-        let mut deadline = next_check.min(next_full);
-        if pending {
-            let mut earliest = last_end.map(|e| e + cfg.min_sync_period).unwrap_or(now);
-            if let Some(r) = retry_at {
-                earliest = earliest.max(r);
+        match schedule.next(Instant::now(), changes_pending) {
+            Action::CheckDrift => {
+                // The proxier logs what it found.
+                if schedule.drift_checked(dataplane.needs_full_sync()) {
+                    shared.proxier_metrics.record_drift_repair();
+                }
             }
-            if now >= earliest {
-                let ok = sync_once(&shared, dataplane.as_mut(), &mut state, force_full || first);
-                last_end = Some(Instant::now());
-                first = false;
-                if ok {
-                    failures = 0;
-                    retry_at = None;
-                    force_full = false;
-                } else {
-                    failures += 1;
-                    let delay = backoff(failures, &cfg);
-                    retry_at = Some(Instant::now() + delay);
-                    force_full = true;
+            Action::Sync { full } => {
+                let ok = sync_once(&shared, dataplane.as_mut(), &mut state, full);
+                if let Some(delay) = schedule.synced(ok, Instant::now()) {
                     tracing::warn!(
                         retry_in_ms = delay.as_millis() as u64,
-                        failures,
+                        failures = schedule.failures(),
                         "sync failed; retrying with a full sync"
                     );
                 }
-                continue;
             }
-            deadline = deadline.min(earliest);
-            // Coalesce: sleep until the earliest allowed time, ignoring wake-ups.
-            sleep_until(&shared, deadline);
-            continue;
-        }
-        match wake.recv_timeout(deadline.saturating_duration_since(now)) {
-            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Action::Wait {
+                until,
+                wake_on_change: false,
+            } => sleep_until(&shared, until),
+            Action::Wait {
+                until,
+                wake_on_change: true,
+            } => match wake.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
         }
     }
 }

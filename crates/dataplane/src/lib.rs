@@ -8,6 +8,7 @@ mod local;
 mod mode;
 mod names;
 mod nodeport;
+mod schedule;
 
 pub use config::DataplaneConfig;
 pub use mode::{Mode, UnknownMode};
@@ -18,6 +19,7 @@ pub use exec::{
 pub use local::LocalDetector;
 pub use names::{endpoint_chain_name, hash_suffix, service_chain_name};
 pub use nodeport::NodePortAddresses;
+pub use schedule::{Action, ScheduleConfig, SyncSchedule};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
