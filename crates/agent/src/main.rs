@@ -112,6 +112,13 @@ fn main() -> ExitCode {
     if loaded.cleanup {
         return cleanup(&loaded.settings);
     }
+    if !modes::implemented(loaded.settings.mode) {
+        eprintln!(
+            "kube-proxy-rs: {}",
+            modes::NotImplemented(loaded.settings.mode)
+        );
+        return ExitCode::FAILURE;
+    }
     if let Some(adj) = loaded.settings.oom_score_adj
         && let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string())
     {

@@ -110,3 +110,38 @@ fn a_kubeadm_daemonset_command_line_is_accepted() {
             .contains("hostnameOverride: node-1")
     );
 }
+
+/// `scripts/kp` runs the scenario suites in each mode of its `MODES` list: that list must
+/// be exactly the modes this binary implements (the others exit 1 at once, saying so).
+#[test]
+fn every_implemented_mode_is_tested_by_scripts_kp() {
+    let mut implemented = Vec::new();
+    for mode in kp_dataplane::Mode::ALL {
+        // --init-only with every kernel setting off: exits at once, touching nothing.
+        let (code, _, err) = run(&[
+            &format!("--proxy-mode={mode}"),
+            "--init-only",
+            "--conntrack-max-per-core=0",
+            "--conntrack-min=0",
+            "--conntrack-tcp-timeout-established=0s",
+            "--conntrack-tcp-timeout-close-wait=0s",
+            "--iptables-localhost-nodeports=false",
+        ]);
+        if err.contains("not implemented yet") {
+            assert_eq!(code, 1, "{mode}: {err}");
+        } else {
+            assert_eq!(code, 0, "{mode}: {err}");
+            implemented.push(mode.as_str());
+        }
+    }
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/kp"))
+        .expect("scripts/kp");
+    let listed: Vec<&str> = script
+        .lines()
+        .find_map(|l| l.strip_prefix("MODES=\""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("a MODES=\"...\" line in scripts/kp")
+        .split_whitespace()
+        .collect();
+    assert_eq!(listed, implemented);
+}
