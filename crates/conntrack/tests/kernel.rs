@@ -25,11 +25,8 @@ struct Bed {
 impl Bed {
     fn new() -> Bed {
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "these tests need root (network namespaces, nft)"
-        );
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(euid, 0, "these tests need root (network namespaces, nft)");
         let mut topology = Topology::new(TopologySpec::new(1)).expect("topology");
         let mut pod = |name: &str| {
             let pod = topology.add_pod(1, name).expect("pod");
