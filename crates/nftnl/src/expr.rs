@@ -2,8 +2,8 @@
 
 use std::net::IpAddr;
 
-use crate::encode::{Msg, interval_elements};
-use crate::parse::{AddrRhs, Dir, Family, Rule, RuleItem, TypeofExpr, Verdict};
+use crate::msg::{Msg, interval_elements, value_attr, verdict_attr};
+use crate::syntax::{AddrRhs, Dir, Family, Rule, RuleItem, TypeofExpr, Verdict};
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
@@ -19,12 +19,6 @@ const NFT_META_L4PROTO: u32 = 16;
 const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
 
-const NF_ACCEPT: u32 = 1;
-const NF_DROP: u32 = 0;
-const NFT_JUMP: i32 = -3;
-const NFT_GOTO: i32 = -4;
-const NFT_RETURN: i32 = -5;
-
 const RTN_LOCAL: u32 = 2;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
@@ -38,30 +32,6 @@ pub(crate) struct AnonSet {
     pub desc_size: u32,
     pub udata: Vec<u8>,
     pub elements: Vec<Msg>,
-}
-
-/// NFTA_DATA_VALUE inside attribute `ty`.
-pub(crate) fn value_attr(m: &mut Msg, ty: u16, v: &[u8]) {
-    m.begin(ty);
-    m.attr(1, v);
-    m.end();
-}
-
-/// NFTA_DATA_VERDICT (to be placed inside an NFTA_*_DATA nest).
-pub(crate) fn verdict_attr(m: &mut Msg, v: &Verdict) {
-    let (code, chain): (u32, Option<&str>) = match v {
-        Verdict::Accept => (NF_ACCEPT, None),
-        Verdict::Drop => (NF_DROP, None),
-        Verdict::Return => (NFT_RETURN as u32, None),
-        Verdict::Jump(c) => (NFT_JUMP as u32, Some(c)),
-        Verdict::Goto(c) => (NFT_GOTO as u32, Some(c)),
-    };
-    m.begin(2);
-    m.u32(1, code);
-    if let Some(c) = chain {
-        m.str(2, c);
-    }
-    m.end();
 }
 
 struct Exprs<'a> {

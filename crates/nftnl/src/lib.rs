@@ -7,14 +7,17 @@
 
 mod encode;
 mod expr;
+mod msg;
 mod parse;
 mod sock;
+mod syntax;
 
 use std::time::{Duration, Instant};
 
-pub use parse::{
+pub use parse::{parse, parse_line};
+pub use syntax::{
     AddrRhs, Dir, Element, Family, Hook, KeyField, KeyPart, Obj, ParseError, Rule, RuleItem,
-    SetKey, SetSpec, Statement, Stmt, TypeofExpr, Verdict, parse, parse_line,
+    SetKey, SetSpec, Statement, Stmt, TypeofExpr, Verdict,
 };
 
 use encode::Batch;
