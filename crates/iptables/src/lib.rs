@@ -6,6 +6,7 @@
 
 mod proxier;
 mod render;
+mod service;
 mod text;
 
 pub use proxier::{IptablesProxier, Tools};

@@ -1,4 +1,5 @@
 use super::*;
+use kp_dataplane::service_chain_name;
 use kp_model::{ChangeTracker, NodeTopology};
 use serde_json::json;
 
