@@ -2,6 +2,8 @@
 //! selection through one shared verdict map, in-memory state and diff-only partial syncs.
 //! See README.md in this crate for the ruleset contract.
 
+mod apply;
+mod memory;
 mod names;
 mod proxier;
 mod render;

@@ -2,173 +2,35 @@
 //! difference on partial syncs (never listing the table), and replaces the whole table in
 //! one atomic transaction on full syncs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use kp_dataplane::{Applier, CommandRunner, Dataplane, RuleKind, SyncError, SyncInput, SyncReport};
-use kp_model::{
-    Endpoint, IpFamily, NamespacedName, NodeTopology, Protocol, ProxyState, ServicePort,
-    ServicePortName, categorize_endpoints,
-};
+use kp_dataplane::{CommandRunner, Dataplane, RuleKind, SyncError, SyncInput, SyncReport};
+use kp_model::{IpFamily, NamespacedName, ProxyState, categorize_endpoints};
 
+use crate::memory::*;
 use crate::names::is_safe_name;
 use crate::render::*;
-use crate::txn::{COMMIT_MARKER, ElementLines, Tx};
+use crate::txn::{ElementLines, Tx};
 
 pub struct NftProxier<R: CommandRunner> {
-    runner: R,
-    cfg: NftConfig,
-    needs_full: bool,
+    pub(crate) runner: R,
+    pub(crate) cfg: NftConfig,
+    pub(crate) needs_full: bool,
     /// What the kernel holds.
-    mem: Memory,
+    pub(crate) mem: Memory,
     /// The node as the last sync saw it; every [`Kept`] refers to the one it was rendered
     /// with.
-    node: Arc<NodeView>,
+    pub(crate) node: Arc<NodeView>,
     /// Statements per transaction when a sync is split.
-    transaction_statements: usize,
+    pub(crate) transaction_statements: usize,
     /// Which service owns each NodePort (kp-model's first-claimant rule).
-    node_ports: kp_model::NodePortClaims,
+    pub(crate) node_ports: kp_model::NodePortClaims,
     /// Sends transactions over nfnetlink; `nft -f` reads the whole table into its cache
     /// first (about 1 s at 10k services). `None`: every transaction goes to `nft -f`.
-    netlink: Option<kp_nftnl::NetlinkApplier>,
+    pub(crate) netlink: Option<kp_nftnl::NetlinkApplier>,
     /// Duration of the last successful apply (kernel time for netlink).
-    last_apply: std::time::Duration,
-}
-
-/// What the kernel holds, in memory.
-#[derive(Default)]
-struct Memory {
-    /// Per service: the inputs it was rendered from (shared with the sync loop's state),
-    /// re-rendered when a partial sync needs the old objects.
-    current: HashMap<NamespacedName, Kept>,
-    /// How many services use each `hairpin-endpoints` element.
-    hairpin_refs: HairpinRefs,
-    /// How many services use each shared picker chain.
-    picker_refs: HashMap<Picker, u32>,
-    /// Sums of every service's report share (health_check unused here), and the services
-    /// needing a healthCheckNodePort: kept as services come and go, not recounted.
-    totals: ServiceReport,
-    health_checks: BTreeMap<NamespacedName, (u16, usize)>,
-}
-
-impl Memory {
-    /// Drops what the kernel holds for `svc` (`old`, its objects), with its shares of the
-    /// shared elements, pickers and report totals.
-    fn forget(&mut self, svc: &NamespacedName, old: &ServiceObjects) {
-        self.current.remove(svc);
-        for ip in &old.hairpin {
-            self.hairpin_refs.release(*ip);
-        }
-        for p in &old.pickers {
-            if let Some(n) = self.picker_refs.get_mut(p) {
-                *n -= 1;
-                if *n == 0 {
-                    self.picker_refs.remove(p);
-                }
-            }
-        }
-        self.totals.no_local_endpoints_internal -= old.report.no_local_endpoints_internal;
-        self.totals.no_local_endpoints_external -= old.report.no_local_endpoints_external;
-        self.health_checks.remove(svc);
-    }
-
-    /// Records `svc` (`o`, its objects; `kept`, how to render them again). Calls `first`
-    /// for each hairpin element no other service had.
-    fn remember(
-        &mut self,
-        svc: NamespacedName,
-        o: &ServiceObjects,
-        kept: Kept,
-        mut first: impl FnMut(IpAddr),
-    ) {
-        for ip in &o.hairpin {
-            if self.hairpin_refs.take(*ip) {
-                first(*ip);
-            }
-        }
-        for p in &o.pickers {
-            *self.picker_refs.entry(*p).or_default() += 1;
-        }
-        self.totals.no_local_endpoints_internal += o.report.no_local_endpoints_internal;
-        self.totals.no_local_endpoints_external += o.report.no_local_endpoints_external;
-        if let Some(hc) = o.report.health_check {
-            self.health_checks.insert(svc.clone(), hc);
-        }
-        self.current.insert(svc, kept);
-    }
-}
-
-/// Services per `hairpin-endpoints` element, one map per address family (a v4 entry is
-/// 8 bytes instead of an `IpAddr`'s 24).
-#[derive(Default)]
-struct HairpinRefs {
-    v4: HashMap<std::net::Ipv4Addr, u32>,
-    v6: HashMap<std::net::Ipv6Addr, u32>,
-}
-
-impl HairpinRefs {
-    fn get(&self, ip: IpAddr) -> u32 {
-        match ip {
-            IpAddr::V4(a) => self.v4.get(&a),
-            IpAddr::V6(a) => self.v6.get(&a),
-        }
-        .copied()
-        .unwrap_or(0)
-    }
-
-    /// One more user; true when it is the first.
-    fn take(&mut self, ip: IpAddr) -> bool {
-        let n = match ip {
-            IpAddr::V4(a) => self.v4.entry(a).or_default(),
-            IpAddr::V6(a) => self.v6.entry(a).or_default(),
-        };
-        *n += 1;
-        *n == 1
-    }
-
-    fn release(&mut self, ip: IpAddr) {
-        fn dec<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
-            if let Some(n) = m.get_mut(&k) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&k);
-                }
-            }
-        }
-        match ip {
-            IpAddr::V4(a) => dec(&mut self.v4, a),
-            IpAddr::V6(a) => dec(&mut self.v6, a),
-        }
-    }
-}
-
-/// What a service's rendering depends on besides the config: its ports and endpoints
-/// (the state's own `Arc`s, so keeping them costs a pointer), the node, and the NodePorts
-/// it lost to another service. Rendering is pure, so these give back exactly the objects
-/// the kernel holds; keeping them instead of the rendered text is ~50x smaller.
-struct Kept {
-    ports: Box<[KeptPort]>,
-    node: Arc<NodeView>,
-    /// NodePorts whose rules were left out because another service claimed them first.
-    skipped_node_ports: Box<[(Protocol, u16)]>,
-}
-
-type KeptPort = (Arc<ServicePort>, Option<Arc<Vec<Endpoint>>>);
-
-/// The parts of the node that rendering reads.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct NodeView {
-    topology: NodeTopology,
-    node_ips: Vec<IpAddr>,
-}
-
-/// One changed service of a partial sync: the objects it had and has, and what to keep.
-struct Update {
-    svc: NamespacedName,
-    old: Option<ServiceObjects>,
-    new: ServiceObjects,
-    kept: Kept,
+    pub(crate) last_apply: std::time::Duration,
 }
 
 /// Statements per transaction when a sync is split: about 40 ms of kernel work each
@@ -178,30 +40,6 @@ pub const TRANSACTION_STATEMENTS: usize = 2_000;
 
 /// Which program applies transactions: `KUBE_PROXY_RS_NFT_APPLIER=nft` forces `nft -f`.
 pub const APPLIER_ENV: &str = "KUBE_PROXY_RS_NFT_APPLIER";
-
-/// A service's ports with their endpoints, as shared pointers into `state`.
-fn ports_of(state: &ProxyState, svc: &NamespacedName) -> Box<[KeptPort]> {
-    let lo = ServicePortName {
-        service: svc.clone(),
-        port: String::new(),
-        protocol: Protocol::Tcp,
-    };
-    state
-        .services
-        .range(lo..)
-        .take_while(|(k, _)| k.service == *svc)
-        .map(|(k, v)| (v.clone(), state.endpoints.get(k).cloned()))
-        .collect()
-}
-
-/// `hairpin-endpoints` key of an endpoint IP.
-fn hairpin_key(ip: std::net::IpAddr) -> String {
-    format!("{ip} . {ip}")
-}
-
-fn is_endpoint_chain(name: &str) -> bool {
-    name.starts_with("endpoint-")
-}
 
 impl<R: CommandRunner> NftProxier<R> {
     pub fn new(runner: R, cfg: NftConfig) -> Self {
@@ -637,131 +475,6 @@ impl<R: CommandRunner> NftProxier<R> {
             }
         }
         (tx, updates)
-    }
-
-    /// Applies each part of a split transaction in order. A failure leaves the parts
-    /// before it committed; the full sync that follows repairs the rest.
-    fn apply(&mut self, text: &str) -> Result<(), SyncError> {
-        let mut total = std::time::Duration::ZERO;
-        let mut largest = std::time::Duration::ZERO;
-        let mut parts = 0;
-        for part in text.split(COMMIT_MARKER) {
-            if part.trim().is_empty() {
-                continue;
-            }
-            self.apply_one(part)?;
-            total += self.last_apply;
-            largest = largest.max(self.last_apply);
-            parts += 1;
-        }
-        if parts > 1 {
-            tracing::info!(
-                transactions = parts,
-                largest_ms = largest.as_secs_f64() * 1000.0,
-                "sync split into bounded transactions"
-            );
-        }
-        self.last_apply = total;
-        Ok(())
-    }
-
-    fn apply_one(&mut self, text: &str) -> Result<(), SyncError> {
-        let started = std::time::Instant::now();
-        let Some(netlink) = self.netlink.as_mut() else {
-            self.run_nft(text)?;
-            self.last_apply = started.elapsed();
-            return Ok(());
-        };
-        match netlink.apply(text) {
-            Ok(r) => {
-                self.last_apply = r.kernel;
-                Ok(())
-            }
-            // Syntax the netlink encoder does not know (a renderer change ahead of it):
-            // nft understands everything we write.
-            Err(kp_nftnl::NftnlError::Parse(e)) => {
-                tracing::warn!(error = %e, "transaction not encodable for netlink; using nft -f");
-                self.run_nft(text)?;
-                self.last_apply = started.elapsed();
-                Ok(())
-            }
-            Err(kp_nftnl::NftnlError::Rejected {
-                line,
-                statement,
-                errno,
-                message,
-                more,
-            }) => Err(SyncError::Apply {
-                tool: Applier::Nfnetlink,
-                message: format!(
-                    "line {line}: {message} (errno {errno}){}",
-                    if more > 0 {
-                        format!(", {more} more errors")
-                    } else {
-                        String::new()
-                    }
-                ),
-                line: Some(statement),
-            }),
-            // Whether the batch was committed is unknown: report it, and the full sync
-            // that follows a failure replaces the table atomically either way.
-            Err(e) => Err(SyncError::Apply {
-                tool: Applier::Nfnetlink,
-                message: e.to_string(),
-                line: None,
-            }),
-        }
-    }
-
-    fn run_nft(&self, text: &str) -> Result<(), SyncError> {
-        let out = self
-            .runner
-            .run("nft", &["-f", "-"], Some(text.as_bytes()))?;
-        if out.success() {
-            return Ok(());
-        }
-        // nft names the input line: "/dev/stdin:12:5-9: Error: …".
-        let line = out
-            .stderr
-            .split(':')
-            .nth(1)
-            .and_then(|n| n.trim().parse::<usize>().ok())
-            .and_then(|n| text.lines().nth(n.checked_sub(1)?))
-            .map(str::to_string);
-        let message = out
-            .stderr
-            .trim()
-            .lines()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" | ");
-        Err(SyncError::Apply {
-            tool: Applier::Nft,
-            message,
-            line,
-        })
-    }
-
-    /// A small chain stands for the table: gone after `nft flush ruleset` or
-    /// `nft delete table`. Asked over netlink (a dump of that chain's rules); `nft list
-    /// chain` would read the whole table first (seconds at 30k services).
-    fn table_present(&mut self) -> bool {
-        if let Some(netlink) = self.netlink.as_mut() {
-            let family = match self.cfg.family {
-                IpFamily::V4 => kp_nftnl::Family::Ip,
-                IpFamily::V6 => kp_nftnl::Family::Ip6,
-            };
-            // nat-prerouting holds exactly the jump to `services`.
-            match netlink.chain_rule_count(family, TABLE, "nat-prerouting") {
-                Ok(n) => return n.is_some_and(|n| n >= 1),
-                Err(e) => tracing::debug!(error = %e, "netlink chain probe failed; asking nft"),
-            }
-        }
-        let f = self.cfg.nft_family();
-        matches!(
-            self.runner.run("nft", &["list", "chain", f, TABLE, "nat-prerouting"], None),
-            Ok(out) if out.success() && out.stdout.contains("jump services")
-        )
     }
 
     fn report(&self, full: bool, bytes: usize, ops: usize, warnings: Vec<String>) -> SyncReport {
