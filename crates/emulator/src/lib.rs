@@ -23,9 +23,11 @@ mod handlers;
 pub mod kubeconfig;
 mod openapi;
 mod patch;
+mod request;
 mod resources;
 mod selectors;
 mod server;
+mod state;
 mod status;
 mod store;
 mod table;
@@ -48,10 +50,10 @@ use serde_json::{Value, json};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use server::RequestLogEntry;
+pub use state::RequestLogEntry;
 
 use defaults::ServiceAllocator;
-use server::{Faults, Shared, lock};
+use state::{Faults, Shared, lock};
 use store::{ObjectKey, Store};
 
 /// How to start an [`Emulator`].

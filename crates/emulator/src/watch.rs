@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::handlers::{ResourcePath, parse_selectors};
+use super::request::{ResourcePath, parse_selectors};
 use super::resources::{self, ResourceId};
 use super::selectors::Selectors;
-use super::server::Shared;
+use super::state::Shared;
 use super::status::ApiError;
 use super::store::{EventType, HistoryEvent, object_namespace};
 use super::table::TableRequest;
