@@ -12,6 +12,8 @@ mod convert;
 mod ip;
 mod names;
 mod policy;
+#[cfg(test)]
+mod test_support;
 mod topology;
 mod tracker;
 mod types;

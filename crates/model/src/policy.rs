@@ -84,41 +84,13 @@ impl NodePortClaims {
 mod tests {
     use super::*;
     use crate::topology::{NodeTopology, categorize_endpoints};
-    use crate::types::ServicePortName;
-    use std::net::IpAddr;
 
     fn port(name: &str, node_port: Option<u16>) -> ServicePort {
-        ServicePort {
-            name: ServicePortName {
-                service: NamespacedName::new("ns", name),
-                port: "p".into(),
-                protocol: Protocol::Tcp,
-            },
-            cluster_ip: "10.96.0.1".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            node_port,
-            session_affinity_timeout: None,
-            external_ips: vec![],
-            load_balancer_vips: vec![],
-            load_balancer_source_ranges: vec![],
-            health_check_node_port: None,
-            external_policy_local: false,
-            internal_policy_local: false,
-        }
+        crate::test_support::service_port(name, node_port)
     }
 
     fn ep(ip: &str, local: bool, ready: bool) -> Endpoint {
-        Endpoint {
-            ip: ip.parse::<IpAddr>().unwrap(),
-            port: 8080,
-            ready,
-            serving: ready,
-            terminating: false,
-            is_local: local,
-            zone_hints: Default::default(),
-            node_hints: Default::default(),
-        }
+        crate::test_support::endpoint(ip, ready, ready, false, local)
     }
 
     fn facts(p: &ServicePort, eps: &[Endpoint]) -> PortFacts {

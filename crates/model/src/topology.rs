@@ -153,40 +153,18 @@ pub fn categorize_endpoints(
 mod tests {
     use super::*;
     use crate::types::*;
-    use std::collections::BTreeSet;
 
     fn svc(itp_local: bool, etp_local: bool, node_port: Option<u16>) -> ServicePort {
         ServicePort {
-            name: ServicePortName {
-                service: NamespacedName::new("ns", "svc"),
-                port: "p".into(),
-                protocol: Protocol::Tcp,
-            },
-            cluster_ip: "10.96.0.1".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            node_port,
-            session_affinity_timeout: None,
-            external_ips: vec![],
-            load_balancer_vips: vec![],
-            load_balancer_source_ranges: vec![],
-            health_check_node_port: None,
             external_policy_local: etp_local,
             internal_policy_local: itp_local,
+            ..crate::test_support::service_port("svc", node_port)
         }
     }
 
     fn ep(last: u8, ready: bool, serving: bool, terminating: bool, local: bool) -> Endpoint {
-        Endpoint {
-            ip: format!("10.0.0.{last}").parse().unwrap(),
-            port: 80,
-            ready,
-            serving,
-            terminating,
-            is_local: local,
-            zone_hints: BTreeSet::new(),
-            node_hints: BTreeSet::new(),
-        }
+        let ip = format!("10.0.0.{last}");
+        crate::test_support::endpoint(&ip, ready, serving, terminating, local)
     }
 
     fn ips(v: &[Endpoint]) -> Vec<u8> {
