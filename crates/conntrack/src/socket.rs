@@ -3,10 +3,10 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use kp_model::IpFamily;
+use kp_netlink::NetfilterSocket;
 
 use crate::plan::{FlowEntry, IPPROTO_UDP, UdpServiceTable, plan_deletions};
 use crate::wire::{CT_NEW, DecodeError, MessageBuf, NLMSG_DONE, NLMSG_ERROR};
@@ -21,8 +21,6 @@ const RCVBUF_BYTES: libc::c_int = 4 << 20;
 const RECV_BUF_BYTES: usize = 64 << 10;
 /// Safety net for a dump that never finishes.
 const RECV_TIMEOUT: Duration = Duration::from_secs(10);
-/// `NETLINK_CAP_ACK`: acks do not echo the request payload (smaller acks).
-const NETLINK_CAP_ACK: libc::c_int = 10;
 
 /// Errors talking to ctnetlink.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +75,7 @@ pub struct ReconcileReport {
 /// A ctnetlink socket in the network namespace of the thread that opened it.
 #[derive(Debug)]
 pub struct Conntrack {
-    fd: OwnedFd,
+    sock: NetfilterSocket,
     seq: u32,
     batch: usize,
     recv_buf: Vec<u8>,
@@ -88,57 +86,8 @@ pub struct Conntrack {
 impl Conntrack {
     /// Opens the socket. Needs CAP_NET_ADMIN in the namespace for dumps and deletes.
     pub fn open() -> Result<Conntrack, ConntrackError> {
-        // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(ConntrackError::Open(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh valid descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: an all-zero sockaddr_nl is valid; pid 0 lets the kernel pick.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `addr` is a valid sockaddr_nl of the given size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(ConntrackError::Open(io::Error::last_os_error()));
-        }
-        // Best effort: a bigger buffer allows bigger delete batches; smaller acks too.
-        if setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF_BYTES).is_err() {
-            let _ = setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, RCVBUF_BYTES);
-        }
-        let _ = setsockopt_int(&fd, libc::SOL_NETLINK, NETLINK_CAP_ACK, 1);
-        let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: `timeout` is a valid timeval of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(ConntrackError::Open(io::Error::last_os_error()));
-        }
         Ok(Conntrack {
-            fd,
+            sock: NetfilterSocket::open(RCVBUF_BYTES).map_err(ConntrackError::Open)?,
             seq: std::process::id().wrapping_mul(2654435761),
             batch: DEFAULT_BATCH,
             recv_buf: vec![0; RECV_BUF_BYTES],
@@ -195,7 +144,12 @@ impl Conntrack {
         let mut entries = Vec::new();
         let mut skipped = 0usize;
         loop {
-            let len = self.recv(0, OP)?;
+            let len = self
+                .recv(RECV_TIMEOUT, OP)?
+                .ok_or_else(|| ConntrackError::Io {
+                    op: OP,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "no reply"),
+                })?;
             let buf = &self.recv_buf[..len];
             let messages =
                 split_messages(buf).map_err(|source| ConntrackError::Decode { op: OP, source })?;
@@ -296,13 +250,9 @@ impl Conntrack {
         const OP: &str = "delete";
         let mut overflowed = false;
         while !pending.is_empty() {
-            let len = match self.recv(libc::MSG_DONTWAIT, OP) {
-                Ok(len) => len,
-                Err(ConntrackError::Io { source, .. })
-                    if source.kind() == io::ErrorKind::WouldBlock =>
-                {
-                    break;
-                }
+            let len = match self.recv(Duration::ZERO, OP) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
                 Err(ConntrackError::Io { source, .. })
                     if source.raw_os_error() == Some(libc::ENOBUFS) =>
                 {
@@ -359,59 +309,17 @@ impl Conntrack {
         })
     }
 
-    fn send(&self, bytes: &[u8], op: &'static str) -> Result<(), ConntrackError> {
-        // SAFETY: an all-zero sockaddr_nl is valid; pid 0 is the kernel.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        loop {
-            // SAFETY: `bytes` and `kernel` are valid for the lengths given.
-            let rc = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    bytes.as_ptr().cast(),
-                    bytes.len(),
-                    0,
-                    (&kernel as *const libc::sockaddr_nl).cast(),
-                    size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-                )
-            };
-            if rc >= 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(ConntrackError::Io { op, source: err });
-            }
-        }
+    fn send(&mut self, bytes: &[u8], op: &'static str) -> Result<(), ConntrackError> {
+        self.sock
+            .send(bytes)
+            .map_err(|source| ConntrackError::Io { op, source })
     }
 
-    /// One datagram into `recv_buf`; a datagram larger than the buffer is an error.
-    fn recv(&mut self, flags: libc::c_int, op: &'static str) -> Result<usize, ConntrackError> {
-        loop {
-            // SAFETY: `recv_buf` is valid for writes of its length.
-            let rc = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.recv_buf.as_mut_ptr().cast(),
-                    self.recv_buf.len(),
-                    flags | libc::MSG_TRUNC,
-                )
-            };
-            if rc >= 0 {
-                let len = rc as usize;
-                if len > self.recv_buf.len() {
-                    return Err(ConntrackError::Decode {
-                        op,
-                        source: DecodeError::Truncated("datagram larger than the buffer"),
-                    });
-                }
-                return Ok(len);
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(ConntrackError::Io { op, source: err });
-            }
-        }
+    /// One datagram into `recv_buf`, waiting at most `wait`; `None` if none came.
+    fn recv(&mut self, wait: Duration, op: &'static str) -> Result<Option<usize>, ConntrackError> {
+        self.sock
+            .recv(&mut self.recv_buf, wait)
+            .map_err(|source| ConntrackError::Io { op, source })
     }
 }
 
@@ -419,29 +327,6 @@ fn kernel_error(op: &'static str, code: i32) -> ConntrackError {
     ConntrackError::Kernel {
         op,
         source: io::Error::from_raw_os_error(-code),
-    }
-}
-
-fn setsockopt_int(
-    fd: &OwnedFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `value` is a valid c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kp_model::IpFamily;
+use kp_netlink::Attrs;
 
 use crate::plan::FlowEntry;
 
@@ -31,7 +32,6 @@ pub(crate) const fn ct_msg_type(msg: u16) -> u16 {
 /// Type of the entries a dump (or event) carries.
 pub(crate) const CT_NEW: u16 = ct_msg_type(IPCTNL_MSG_CT_NEW);
 
-const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -82,9 +82,8 @@ pub(crate) fn af(family: IpFamily) -> u8 {
 /// the kernel processes them in order, one ack each).
 #[derive(Debug, Default)]
 pub(crate) struct MessageBuf {
-    buf: Vec<u8>,
+    attrs: Attrs,
     msg_start: usize,
-    nests: Vec<usize>,
 }
 
 impl MessageBuf {
@@ -93,58 +92,43 @@ impl MessageBuf {
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.buf
+        &self.attrs.buf
     }
 
     pub(crate) fn clear(&mut self) {
-        self.buf.clear();
-        self.nests.clear();
+        self.attrs.clear();
         self.msg_start = 0;
     }
 
     /// Starts a message: header (length patched by [`MessageBuf::end_message`]) and
     /// `nfgenmsg`.
     fn begin_message(&mut self, msg_type: u16, flags: u16, seq: u32, family: u8) {
-        self.msg_start = self.buf.len();
-        self.buf.extend_from_slice(&0u32.to_ne_bytes());
-        self.buf.extend_from_slice(&msg_type.to_ne_bytes());
-        self.buf.extend_from_slice(&flags.to_ne_bytes());
-        self.buf.extend_from_slice(&seq.to_ne_bytes());
-        self.buf.extend_from_slice(&0u32.to_ne_bytes());
-        self.buf.extend_from_slice(&[family, NFNETLINK_V0, 0, 0]);
+        let buf = &mut self.attrs.buf;
+        self.msg_start = buf.len();
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&msg_type.to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&[family, NFNETLINK_V0, 0, 0]);
     }
 
     fn end_message(&mut self) {
-        let len = (self.buf.len() - self.msg_start) as u32;
-        self.buf[self.msg_start..self.msg_start + 4].copy_from_slice(&len.to_ne_bytes());
+        let buf = &mut self.attrs.buf;
+        let len = (buf.len() - self.msg_start) as u32;
+        buf[self.msg_start..self.msg_start + 4].copy_from_slice(&len.to_ne_bytes());
     }
 
     fn attr(&mut self, kind: u16, value: &[u8]) {
-        let len = (4 + value.len()) as u16;
-        self.buf.extend_from_slice(&len.to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(value);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
+        self.attrs.attr(kind, value);
     }
 
     fn begin_nest(&mut self, kind: u16) {
-        self.nests.push(self.buf.len());
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self.attrs.begin(kind);
     }
 
     fn end_nest(&mut self) {
-        if let Some(start) = self.nests.pop() {
-            let len = (self.buf.len() - start) as u16;
-            self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        }
+        self.attrs.end();
     }
 
     fn ip_attr(&mut self, kind_v4: u16, kind_v6: u16, ip: IpAddr) {

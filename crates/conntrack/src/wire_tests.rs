@@ -1,4 +1,5 @@
 use super::*;
+use kp_netlink::NLA_F_NESTED;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")

@@ -9,7 +9,6 @@ mod encode;
 mod expr;
 mod msg;
 mod parse;
-mod sock;
 mod syntax;
 
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ pub use syntax::{
 };
 
 use encode::Batch;
-use sock::NlSocket;
+use kp_netlink::NetfilterSocket;
 
 /// Batches up to this many statements ask the kernel to ACK every message (a positive
 /// confirmation for each); larger ones ACK only the last message so the replies of a
@@ -30,7 +29,10 @@ const ACK_ALL_STATEMENTS: usize = 256;
 
 /// How long to wait for replies after the send returned (the kernel has already
 /// processed the batch by then; this only absorbs scheduling noise).
-const REPLY_TIMEOUT_MS: i32 = 5_000;
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Receive buffer asked for: error and ACK replies of a whole batch are queued at once.
+const RCVBUF: libc::c_int = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftnlError {
@@ -79,7 +81,7 @@ pub struct ApplyReport {
 /// Owns one NETLINK_NETFILTER socket, bound to the network namespace of the thread that
 /// called [`NetlinkApplier::open`].
 pub struct NetlinkApplier {
-    sock: NlSocket,
+    sock: NetfilterSocket,
     seq: u32,
     rbuf: Vec<u8>,
 }
@@ -97,7 +99,7 @@ impl NetlinkApplier {
             .map(|d| d.as_secs() as u32)
             .unwrap_or(1);
         Ok(NetlinkApplier {
-            sock: NlSocket::open()?,
+            sock: NetfilterSocket::open(RCVBUF)?,
             seq,
             rbuf: vec![0; 1 << 16],
         })
@@ -137,7 +139,7 @@ impl NetlinkApplier {
         self.seq = end_seq.wrapping_add(1);
         let last_msg = end_seq - 1;
         // Replies of an earlier, interrupted call must not be taken for ours.
-        while let Ok(Some(_)) = self.sock.recv(&mut self.rbuf, 0) {}
+        while let Ok(Some(_)) = self.sock.recv(&mut self.rbuf, Duration::ZERO) {}
         let sent = Instant::now();
         self.sock.send(&batch.buf)?;
         let kernel = sent.elapsed();
@@ -205,11 +207,11 @@ impl NetlinkApplier {
         }
         let total = msg.len() as u32;
         msg[..4].copy_from_slice(&total.to_ne_bytes());
-        while let Ok(Some(_)) = self.sock.recv(&mut self.rbuf, 0) {}
+        while let Ok(Some(_)) = self.sock.recv(&mut self.rbuf, Duration::ZERO) {}
         self.sock.send(&msg)?;
         let mut rules = 0;
         loop {
-            let n = match self.sock.recv(&mut self.rbuf, REPLY_TIMEOUT_MS)? {
+            let n = match self.sock.recv(&mut self.rbuf, REPLY_TIMEOUT)? {
                 Some(n) => n,
                 None => return Err(NftnlError::NoReply),
             };
@@ -255,7 +257,7 @@ impl NetlinkApplier {
     fn replies(&mut self, first: u32, last: u32) -> Result<Vec<Reply>, NftnlError> {
         let mut out: Vec<Reply> = vec![];
         loop {
-            let n = match self.sock.recv(&mut self.rbuf, REPLY_TIMEOUT_MS) {
+            let n = match self.sock.recv(&mut self.rbuf, REPLY_TIMEOUT) {
                 Ok(Some(n)) => n,
                 Ok(None) => return Err(NftnlError::NoReply),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {

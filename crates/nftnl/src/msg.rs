@@ -12,52 +12,8 @@ const NFT_GOTO: i32 = -4;
 const NFT_RETURN: i32 = -5;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 
-/// A netlink message under construction.
-pub(crate) struct Msg {
-    pub buf: Vec<u8>,
-    nests: Vec<usize>,
-}
-
-impl Msg {
-    pub fn new() -> Msg {
-        Msg {
-            buf: Vec::with_capacity(256),
-            nests: vec![],
-        }
-    }
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
-    }
-    pub fn attr(&mut self, ty: u16, data: &[u8]) {
-        let len = (4 + data.len()) as u16;
-        self.buf.extend_from_slice(&len.to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(data);
-        self.pad();
-    }
-    pub fn u32(&mut self, ty: u16, v: u32) {
-        self.attr(ty, &v.to_be_bytes());
-    }
-    pub fn str(&mut self, ty: u16, s: &str) {
-        let mut d = Vec::with_capacity(s.len() + 1);
-        d.extend_from_slice(s.as_bytes());
-        d.push(0);
-        self.attr(ty, &d);
-    }
-    pub fn begin(&mut self, ty: u16) {
-        self.nests.push(self.buf.len());
-        self.buf.extend_from_slice(&[0, 0]);
-        self.buf.extend_from_slice(&(ty | 0x8000).to_ne_bytes());
-    }
-    pub fn end(&mut self) {
-        if let Some(start) = self.nests.pop() {
-            let len = (self.buf.len() - start).min(u16::MAX as usize) as u16;
-            self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        }
-    }
-}
+/// A netlink message under construction (its attributes; the batch adds headers).
+pub(crate) type Msg = kp_netlink::Attrs;
 
 /// NFTA_DATA_VALUE inside attribute `ty`.
 pub(crate) fn value_attr(m: &mut Msg, ty: u16, v: &[u8]) {

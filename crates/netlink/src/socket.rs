@@ -1,17 +1,18 @@
-//! A NETLINK_NETFILTER socket (libc), opened in the calling thread's network namespace.
+//! A `NETLINK_NETFILTER` socket (libc), opened in the calling thread's network namespace.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
-const NETLINK_NETFILTER: libc::c_int = 12;
 const SOL_NETLINK: libc::c_int = 270;
+/// Acks and errors do not echo the request payload (smaller replies).
 const NETLINK_CAP_ACK: libc::c_int = 10;
+/// Errors carry the kernel's message, when it has one.
 const NETLINK_EXT_ACK: libc::c_int = 11;
 
-/// Receive buffer asked for: error and ACK replies of a whole batch are queued at once.
-const RCVBUF: libc::c_int = 8 << 20;
-
-pub(crate) struct NlSocket {
+/// A netfilter netlink socket bound to the kernel.
+#[derive(Debug)]
+pub struct NetfilterSocket {
     fd: OwnedFd,
     sndbuf: usize,
 }
@@ -37,23 +38,32 @@ fn setopt(fd: libc::c_int, level: libc::c_int, opt: libc::c_int, v: libc::c_int)
     }
 }
 
-impl NlSocket {
-    pub fn open() -> io::Result<NlSocket> {
+/// The kernel's address (pid 0).
+fn kernel() -> libc::sockaddr_nl {
+    // SAFETY: an all-zero sockaddr_nl is valid.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    sa
+}
+
+impl NetfilterSocket {
+    /// Opens and binds the socket, asking for a `rcvbuf`-byte receive buffer (forced
+    /// past `rmem_max` when the process may; replies to a whole batch queue at once).
+    pub fn open(rcvbuf: libc::c_int) -> io::Result<NetfilterSocket> {
         // SAFETY: plain syscall; the result is checked before it is wrapped.
         let raw = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
+                libc::NETLINK_NETFILTER,
             )
         };
         check(raw, "socket(AF_NETLINK, NETLINK_NETFILTER)")?;
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: zeroed sockaddr_nl is valid; pid 0 lets the kernel pick the port id.
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `sa` is a valid sockaddr_nl of the given size.
+        let sa = kernel();
+        // SAFETY: `sa` is a valid sockaddr_nl of the given size; pid 0 lets the kernel
+        // pick our port id.
         let r = unsafe {
             libc::bind(
                 raw,
@@ -62,13 +72,12 @@ impl NlSocket {
             )
         };
         check(r, "bind(netlink)")?;
-        // Errors carry only the offending header, plus the kernel's message if any.
         setopt(raw, SOL_NETLINK, NETLINK_CAP_ACK, 1);
         setopt(raw, SOL_NETLINK, NETLINK_EXT_ACK, 1);
-        if setopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF) < 0 {
-            setopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, RCVBUF);
+        if setopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, rcvbuf) < 0 {
+            setopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf);
         }
-        Ok(NlSocket { fd, sndbuf: 0 })
+        Ok(NetfilterSocket { fd, sndbuf: 0 })
     }
 
     /// Sends one datagram (a whole batch: the kernel processes it before returning).
@@ -77,15 +86,15 @@ impl NlSocket {
         // netlink_sendmsg refuses datagrams larger than the send buffer.
         if buf.len() + 4096 > self.sndbuf {
             let want = (buf.len() + 65536).min(i32::MAX as usize) as libc::c_int;
-            check(
-                setopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want),
-                "setsockopt(SO_SNDBUFFORCE)",
-            )?;
+            if setopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want) < 0 {
+                check(
+                    setopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want),
+                    "setsockopt(SO_SNDBUF)",
+                )?;
+            }
             self.sndbuf = want as usize;
         }
-        // SAFETY: zeroed sockaddr_nl with pid 0 addresses the kernel.
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        let sa = kernel();
         loop {
             // SAFETY: `buf` and `sa` are valid for the given lengths.
             let n = unsafe {
@@ -112,9 +121,13 @@ impl NlSocket {
         }
     }
 
-    /// Receives one datagram; `Ok(None)` when nothing arrives within `timeout_ms`.
-    pub fn recv(&self, buf: &mut [u8], timeout_ms: i32) -> io::Result<Option<usize>> {
+    /// Receives one datagram into `buf`, waiting at most `wait` (`Duration::ZERO`: only
+    /// what is queued). `Ok(None)`: nothing arrived. A datagram larger than `buf` is an
+    /// `InvalidData` error, never silently cut. Other errors keep their errno (ENOBUFS:
+    /// replies were dropped because the receive buffer overflowed).
+    pub fn recv(&self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
         let fd = self.fd.as_raw_fd();
+        let timeout_ms = wait.as_millis().min(i32::MAX as u128) as i32;
         loop {
             let mut pfd = libc::pollfd {
                 fd,
@@ -134,16 +147,34 @@ impl NlSocket {
                 return Ok(None);
             }
             // SAFETY: `buf` is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => continue,
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock if timeout_ms == 0 => return Ok(None),
+                    io::ErrorKind::WouldBlock => continue,
                     _ => return Err(e),
                 }
             }
-            return Ok(Some(n as usize));
+            let n = n as usize;
+            if n > buf.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "netlink datagram of {n} bytes larger than the {}-byte buffer",
+                        buf.len()
+                    ),
+                ));
+            }
+            return Ok(Some(n));
         }
     }
 }
