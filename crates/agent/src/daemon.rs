@@ -259,6 +259,7 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         };
         cleanup_other_modes(s.mode, &cfg);
         let dataplane = crate::modes::new_dataplane(s.mode, &cfg)?;
+        tracing::info!(family = family.k8s_name(), mode = %s.mode, applier = %dataplane.applier(), "dataplane");
         for (sysctl, value) in dataplane.required_sysctls() {
             crate::kernel::write_sysctl(sysctl, value);
         }

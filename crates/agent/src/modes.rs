@@ -20,15 +20,9 @@ pub fn new_dataplane(
             SystemRunner,
             cfg.into(),
         ))),
-        Mode::Nftables => {
-            let p = kp_nftables::NftProxier::new(SystemRunner, cfg.into()).with_netlink_applier();
-            tracing::info!(
-                family = cfg.family.k8s_name(),
-                applier = p.applier(),
-                "nftables mode"
-            );
-            Ok(Box::new(p))
-        }
+        Mode::Nftables => Ok(Box::new(
+            kp_nftables::NftProxier::new(SystemRunner, cfg.into()).with_netlink_applier(),
+        )),
         Mode::Ipvs | Mode::Userspace => Err(NotImplemented(mode)),
     }
 }

@@ -124,7 +124,8 @@ pub fn run_sync_loop(
         match schedule.next(Instant::now(), changes_pending) {
             Action::CheckDrift => {
                 // The proxier logs what it found.
-                if schedule.drift_checked(dataplane.needs_full_sync()) {
+                let rules_gone = dataplane.needs_full_sync();
+                if schedule.drift_checked(rules_gone, Instant::now()) {
                     shared.proxier_metrics.record_drift_repair();
                 }
             }

@@ -149,6 +149,8 @@ impl SyncError {
 pub trait Dataplane: Send {
     fn mode(&self) -> Mode;
     fn family(&self) -> IpFamily;
+    /// What applies its syncs (logged at start).
+    fn applier(&self) -> Applier;
     /// Makes the kernel match `input.state`. Idempotent. Partial unless forced or after a
     /// failure.
     fn sync(&mut self, input: &SyncInput<'_>) -> Result<SyncReport, SyncError>;

@@ -70,7 +70,8 @@ impl SyncSchedule {
     /// The next action at `now`; `changes_pending`: the tracker holds undrained changes.
     pub fn next(&mut self, now: Instant, changes_pending: bool) -> Action {
         if now >= self.next_check {
-            self.next_check = now + self.cfg.sync_period;
+            // The next check is scheduled when this one ends (a check can outlast
+            // sync_period, e.g. waiting for the xtables lock; syncs go between checks).
             return Action::CheckDrift;
         }
         if now >= self.next_full {
@@ -104,9 +105,10 @@ impl SyncSchedule {
         }
     }
 
-    /// Records the drift check's answer. Returns whether it counts as a drift repair
-    /// (rules gone while the proxy was settled).
-    pub fn drift_checked(&mut self, rules_gone: bool) -> bool {
+    /// Records the drift check's answer, the check having ended at `end`. Returns
+    /// whether it counts as a drift repair (rules gone while the proxy was settled).
+    pub fn drift_checked(&mut self, rules_gone: bool, end: Instant) -> bool {
+        self.next_check = end + self.cfg.sync_period;
         let settled = !self.first && !self.force_full && self.retry_at.is_none();
         if rules_gone {
             self.force_full = true;
@@ -223,7 +225,7 @@ mod tests {
         let t = t0 + cfg().sync_period;
         assert_eq!(s.next(t, false), Action::CheckDrift);
         // Rules intact: nothing to do until the next check.
-        assert!(!s.drift_checked(false));
+        assert!(!s.drift_checked(false, t));
         assert_eq!(
             s.next(t, false),
             Action::Wait {
@@ -233,8 +235,31 @@ mod tests {
         );
         let t = t + cfg().sync_period;
         assert_eq!(s.next(t, false), Action::CheckDrift);
-        assert!(s.drift_checked(true), "a repair while settled");
+        assert!(s.drift_checked(true, t), "a repair while settled");
         assert_eq!(s.next(t, false), Action::Sync { full: true });
+    }
+
+    #[test]
+    fn a_check_slower_than_sync_period_does_not_starve_syncs() {
+        let t0 = Instant::now();
+        let mut s = settled(t0);
+        // Each check waits 5 s for a lock; sync_period is 30 s in cfg(), so use 1 s here.
+        s.cfg.sync_period = Duration::from_secs(1);
+        s.next_check = t0 + Duration::from_secs(1);
+        let mut t = t0 + Duration::from_secs(1);
+        for _ in 0..3 {
+            assert_eq!(s.next(t, true), Action::CheckDrift);
+            t += Duration::from_secs(5);
+            assert!(!s.drift_checked(false, t));
+            // The change waiting behind the check goes next, not another check.
+            assert_eq!(s.next(t, true), Action::Sync { full: false });
+            assert_eq!(s.synced(true, t), None);
+            // The next check is a sync_period after the last one ended.
+            assert!(
+                matches!(s.next(t, false), Action::Wait { until, .. } if until == t + Duration::from_secs(1))
+            );
+            t += Duration::from_secs(1);
+        }
     }
 
     #[test]
@@ -243,14 +268,14 @@ mod tests {
         let mut s = SyncSchedule::new(cfg(), t0);
         assert_eq!(s.next(t0, false), Action::Sync { full: true });
         assert!(s.synced(false, t0).is_some());
-        assert!(!s.drift_checked(true), "the retry is pending anyway");
+        assert!(!s.drift_checked(true, t0), "the retry is pending anyway");
     }
 
     /// `next`, answering drift checks with "rules intact".
     fn next_past_checks(s: &mut SyncSchedule, now: Instant, pending: bool) -> Action {
         loop {
             match s.next(now, pending) {
-                Action::CheckDrift => assert!(!s.drift_checked(false)),
+                Action::CheckDrift => assert!(!s.drift_checked(false, now)),
                 other => return other,
             }
         }

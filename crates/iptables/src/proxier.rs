@@ -469,6 +469,10 @@ impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
         kp_dataplane::Mode::Iptables
     }
 
+    fn applier(&self) -> Applier {
+        Applier::IptablesRestore
+    }
+
     fn required_sysctls(&self) -> Vec<(&'static str, i64)> {
         // Localhost NodePorts are DNATed from 127/8, which the kernel routes only so.
         if self.cfg.localhost_node_ports_active() {

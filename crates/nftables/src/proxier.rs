@@ -78,15 +78,6 @@ impl<R: CommandRunner> NftProxier<R> {
         self
     }
 
-    /// `netlink` or `nft`: what applies the next transaction.
-    pub fn applier(&self) -> &'static str {
-        if self.netlink.is_some() {
-            "netlink"
-        } else {
-            "nft"
-        }
-    }
-
     /// Renders `svc` from `state` (see [`NftProxier::prepare`]). Returns the objects and
     /// what to keep to render them again.
     fn render(
@@ -496,6 +487,14 @@ impl<R: CommandRunner> NftProxier<R> {
 impl<R: CommandRunner> Dataplane for NftProxier<R> {
     fn mode(&self) -> kp_dataplane::Mode {
         kp_dataplane::Mode::Nftables
+    }
+
+    fn applier(&self) -> kp_dataplane::Applier {
+        if self.netlink.is_some() {
+            kp_dataplane::Applier::Nfnetlink
+        } else {
+            kp_dataplane::Applier::Nft
+        }
     }
 
     fn family(&self) -> IpFamily {
