@@ -321,105 +321,79 @@ fn check_service_whole(obj: &Value, want: &ExpectedService) -> Result<(), TestCa
     Ok(())
 }
 
-/// One field of a valid Service moved one step past the API server's limit.
-#[derive(Debug, Clone, Copy)]
-enum ServiceBreak {
-    PortNameTooLong,
-    PortNameUpperCase,
-    PortNameLeadingDash,
-    PortNameUnderscore,
-    PortZero,
-    PortTooBig,
-    ProtocolLowerCase,
-    ProtocolUnknown,
-    NodePortTooBig,
-    NodePortNegative,
-    DuplicateName,
-    DuplicatePortProtocol,
-    ExternalIpOctet,
-    SourceRangePrefix,
-    // Whole-object refusals.
-    NamespaceTooLong,
-    NameUpperCase,
-    ClusterIpOctet,
-}
+/// What a break must do: `Ok(Some(port index))` drops that port, `Ok(None)` drops one
+/// list entry (an external IP, a source range), `Err(field)` refuses the object.
+type Outcome = Result<Option<usize>, String>;
 
-fn service_break() -> impl Strategy<Value = ServiceBreak> {
-    use ServiceBreak::*;
-    proptest::sample::select(vec![
-        PortNameTooLong,
-        PortNameUpperCase,
-        PortNameLeadingDash,
-        PortNameUnderscore,
-        PortZero,
-        PortTooBig,
-        ProtocolLowerCase,
-        ProtocolUnknown,
-        NodePortTooBig,
-        NodePortNegative,
-        DuplicateName,
-        DuplicatePortProtocol,
-        ExternalIpOctet,
-        SourceRangePrefix,
-        NamespaceTooLong,
-        NameUpperCase,
-        ClusterIpOctet,
-    ])
-}
+/// One field of a valid Service moved one step past the API server's limit, applied to
+/// port `i` (>= 1) where it concerns a port.
+type ServiceBreak = (&'static str, fn(&mut Value, usize) -> Outcome);
 
-/// Applies `b` to port `i` (>= 1) and says what must happen: `Ok(Some(port index))` for a
-/// dropped port, `Ok(None)` for a dropped list entry, `Err(field)` for a refused object.
-fn apply_break(obj: &mut Value, b: ServiceBreak, i: usize) -> Result<Option<usize>, String> {
-    use ServiceBreak::*;
-    let p = &mut obj["spec"]["ports"][i];
-    match b {
-        PortNameTooLong => p["name"] = json!("a".repeat(64)),
-        PortNameUpperCase => p["name"] = json!("Http"),
-        PortNameLeadingDash => p["name"] = json!("-http"),
-        PortNameUnderscore => p["name"] = json!("my_port"),
-        PortZero => p["port"] = json!(0),
-        PortTooBig => p["port"] = json!(65536),
-        ProtocolLowerCase => p["protocol"] = json!("tcp"),
-        ProtocolUnknown => p["protocol"] = json!("ICMP"),
-        NodePortTooBig => p["nodePort"] = json!(65536),
-        NodePortNegative => p["nodePort"] = json!(-1),
-        DuplicateName => {
-            let first = obj["spec"]["ports"][0]["name"].clone();
-            obj["spec"]["ports"][i]["name"] = first;
-        }
-        DuplicatePortProtocol => {
-            let first = obj["spec"]["ports"][0].clone();
-            obj["spec"]["ports"][i]["port"] = first["port"].clone();
-            obj["spec"]["ports"][i]["protocol"] =
-                first.get("protocol").cloned().unwrap_or(json!("TCP"));
-        }
-        ExternalIpOctet => {
-            obj["spec"]["externalIPs"]
-                .as_array_mut()
-                .unwrap()
-                .push(json!("10.0.0.256"));
-            return Ok(None);
-        }
-        SourceRangePrefix => {
-            obj["spec"]["loadBalancerSourceRanges"] = json!(["10.0.0.0/33", "192.0.2.0/24"]);
-            return Ok(None);
-        }
-        NamespaceTooLong => {
-            obj["metadata"]["namespace"] = json!("n".repeat(64));
-            return Err("metadata.namespace".into());
-        }
-        NameUpperCase => {
-            obj["metadata"]["name"] = json!("Web");
-            return Err("metadata.name".into());
-        }
-        ClusterIpOctet => {
-            obj["spec"]["clusterIP"] = json!("10.0.0.256");
-            obj["spec"]["clusterIPs"] = json!(["10.0.0.256"]);
-            return Err("spec.clusterIP".into());
-        }
-    }
+fn set_port(obj: &mut Value, i: usize, field: &str, v: Value) -> Outcome {
+    obj["spec"]["ports"][i][field] = v;
     Ok(Some(i))
 }
+
+const SERVICE_BREAKS: &[ServiceBreak] = &[
+    ("port name of 64", |o, i| {
+        set_port(o, i, "name", json!("a".repeat(64)))
+    }),
+    ("port name upper case", |o, i| {
+        set_port(o, i, "name", json!("Http"))
+    }),
+    ("port name leading dash", |o, i| {
+        set_port(o, i, "name", json!("-http"))
+    }),
+    ("port name underscore", |o, i| {
+        set_port(o, i, "name", json!("my_port"))
+    }),
+    ("port 0", |o, i| set_port(o, i, "port", json!(0))),
+    ("port 65536", |o, i| set_port(o, i, "port", json!(65536))),
+    ("protocol lower case", |o, i| {
+        set_port(o, i, "protocol", json!("tcp"))
+    }),
+    ("protocol ICMP", |o, i| {
+        set_port(o, i, "protocol", json!("ICMP"))
+    }),
+    ("nodePort 65536", |o, i| {
+        set_port(o, i, "nodePort", json!(65536))
+    }),
+    ("nodePort -1", |o, i| set_port(o, i, "nodePort", json!(-1))),
+    ("repeated port name", |o, i| {
+        let first = o["spec"]["ports"][0]["name"].clone();
+        set_port(o, i, "name", first)
+    }),
+    ("repeated port and protocol", |o, i| {
+        let first = o["spec"]["ports"][0].clone();
+        let protocol = first.get("protocol").cloned().unwrap_or(json!("TCP"));
+        set_port(o, i, "protocol", protocol)?;
+        set_port(o, i, "port", first["port"].clone())
+    }),
+    ("external IP octet 256", |o, _| {
+        o["spec"]["externalIPs"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("10.0.0.256"));
+        Ok(None)
+    }),
+    ("source range /33", |o, _| {
+        o["spec"]["loadBalancerSourceRanges"] = json!(["10.0.0.0/33", "192.0.2.0/24"]);
+        Ok(None)
+    }),
+    ("namespace of 64", |o, _| {
+        o["metadata"]["namespace"] = json!("n".repeat(64));
+        Err("metadata.namespace".into())
+    }),
+    ("name upper case", |o, _| {
+        o["metadata"]["name"] = json!("Web");
+        Err("metadata.name".into())
+    }),
+    ("clusterIP octet 256", |o, _| {
+        o["spec"]["clusterIP"] = json!("10.0.0.256");
+        o["spec"]["clusterIPs"] = json!(["10.0.0.256"]);
+        Err("spec.clusterIP".into())
+    }),
+];
 
 /// A valid EndpointSlice and what it must become: port -> endpoint IPs.
 fn valid_slice() -> impl Strategy<
@@ -539,14 +513,15 @@ proptest! {
     #[test]
     fn a_service_field_past_its_limit_drops_only_its_part(
         (obj, want) in valid_service().prop_filter("two ports", |(_, w)| w.ports.len() >= 2),
-        b in service_break(),
+        b in proptest::sample::select(SERVICE_BREAKS),
         pick in any::<Index>(),
     ) {
         let mut obj = obj;
         // The Service's first family: the one whose cluster IP the break keeps.
         let fam = family_of(&want.cluster_ips[0]);
         let i = 1 + pick.index(want.ports.len() - 1);
-        let outcome = apply_break(&mut obj, b, i);
+        let (what, apply) = b;
+        let outcome = apply(&mut obj, i);
         let svc = decode_service(&obj);
         let mut warnings = Vec::new();
         let result = service_ports_from_service(&svc, fam, &mut warnings);
@@ -561,15 +536,15 @@ proptest! {
                 let mut expect: Vec<_> = want.ports.iter().map(|p| (p.0.clone(), p.1)).collect();
                 if let Some(i) = dropped {
                     expect.remove(i);
-                    prop_assert_eq!(warnings.len(), 1, "{:?}: {:?}", b, warnings);
+                    prop_assert_eq!(warnings.len(), 1, "{}: {:?}", what, warnings);
                     let field = format!("spec.ports[{i}]");
                     prop_assert!(warnings[0].contains(&field), "{:?} should name {}", warnings, field);
                 } else {
                     // A bad list entry: that entry only.
-                    prop_assert_eq!(warnings.len(), 1, "{:?}: {:?}", b, warnings);
+                    prop_assert_eq!(warnings.len(), 1, "{}: {:?}", what, warnings);
                     prop_assert!(warnings.iter().all(|w| w.contains("spec.externalIPs[") || w.contains("spec.loadBalancerSourceRanges[0]")), "{:?}", warnings);
                 }
-                prop_assert_eq!(got, expect, "{:?}", b);
+                prop_assert_eq!(got, expect, "{}", what);
             }
         }
     }
