@@ -62,16 +62,8 @@ pub(crate) fn render_service(
         &cluster_chain
     };
 
-    let has_internal = if svc.internal_policy_local {
-        !cat.local.is_empty()
-    } else {
-        !cat.cluster.is_empty()
-    };
-    let has_external = if svc.external_policy_local {
-        !cat.local.is_empty()
-    } else {
-        !cat.cluster.is_empty()
-    };
+    let has_internal = !cat.internal(svc).is_empty();
+    let has_external = !cat.external(svc).is_empty();
     let uses_cluster_chain = !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
     let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
     let uses_ext_chain = cat.has_any && svc.externally_accessible();

@@ -24,6 +24,27 @@ pub struct CategorizedEndpoints {
     pub has_any: bool,
 }
 
+impl CategorizedEndpoints {
+    /// The endpoints traffic to the cluster IP goes to (internalTrafficPolicy decides).
+    pub fn internal(&self, port: &ServicePort) -> &[Endpoint] {
+        if port.internal_policy_local {
+            &self.local
+        } else {
+            &self.cluster
+        }
+    }
+
+    /// The endpoints external traffic (NodePort, externalIPs, LB VIPs) goes to
+    /// (externalTrafficPolicy decides).
+    pub fn external(&self, port: &ServicePort) -> &[Endpoint] {
+        if port.external_policy_local {
+            &self.local
+        } else {
+            &self.cluster
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TopologyMode {
     None,

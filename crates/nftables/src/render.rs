@@ -482,16 +482,8 @@ pub fn render_service(
     } else {
         &cluster_chain
     };
-    let internal_eps = if svc.internal_policy_local {
-        &cat.local
-    } else {
-        &cat.cluster
-    };
-    let external_eps = if svc.external_policy_local {
-        &cat.local
-    } else {
-        &cat.cluster
-    };
+    let internal_eps = cat.internal(svc);
+    let external_eps = cat.external(svc);
     let has_internal = !internal_eps.is_empty();
     let has_external = !external_eps.is_empty();
     let uses_cluster_chain = !shared && !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
