@@ -18,10 +18,10 @@ pub fn new_dataplane(
     match mode {
         Mode::Iptables => Ok(Box::new(kp_iptables::IptablesProxier::new(
             SystemRunner,
-            cfg.into(),
+            cfg.clone(),
         ))),
         Mode::Nftables => Ok(Box::new(
-            kp_nftables::NftProxier::new(SystemRunner, cfg.into()).with_netlink_applier(),
+            kp_nftables::NftProxier::new(SystemRunner, cfg.clone()).with_netlink_applier(),
         )),
         Mode::Ipvs | Mode::Userspace => Err(NotImplemented(mode)),
     }

@@ -79,7 +79,7 @@ fn check(file: &str, got: &str) {
 #[test]
 fn iptables_whole_ruleset() {
     let (t, _, node) = cluster();
-    let cfg = kp_iptables::IptablesConfig::from(&config());
+    let cfg = config();
     let rendered = kp_iptables::render(
         &cfg,
         t.state(),
@@ -98,7 +98,7 @@ fn nftables_whole_ruleset() {
     let (t, changes, node) = cluster();
     let runner = RecordingRunner::default();
     // The nft -f path (no netlink socket): the transaction text is what the runner saw.
-    let mut p = kp_nftables::NftProxier::new(runner.clone(), (&config()).into());
+    let mut p = kp_nftables::NftProxier::new(runner.clone(), config());
     let report = p
         .sync(&SyncInput {
             state: t.state(),

@@ -107,6 +107,7 @@ fn cfg() -> IptablesConfig {
         localhost_node_ports: false,
         tcp_be_liberal: false,
         random_fully: true,
+        node_port_ips: vec![],
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use kp_dataplane::{LocalDetector, NodeInfo, NodePortAddresses, RuleKind};
+use kp_dataplane::{NodeInfo, RuleKind};
 use kp_model::{IpFamily, NamespacedName, ProxyState, categorize_endpoints};
 
 use crate::service::{ServiceOutput, render_service};
@@ -31,46 +31,12 @@ pub(crate) const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
     "KUBE-SEP-",
 ];
 
-/// Settings of the iptables mode for one IP family.
-#[derive(Debug, Clone)]
-pub struct IptablesConfig {
-    pub family: IpFamily,
-    pub masquerade_bit: u32,
-    pub masquerade_all: bool,
-    pub local_detector: LocalDetector,
-    pub node_port_addresses: NodePortAddresses,
-    pub localhost_node_ports: bool,
-    /// Omit the conntrack INVALID drop (when nf_conntrack_tcp_be_liberal is set).
-    pub tcp_be_liberal: bool,
-    pub random_fully: bool,
-}
+/// Settings of the iptables mode for one IP family: the mode-neutral ones, all used.
+pub type IptablesConfig = kp_dataplane::DataplaneConfig;
 
-impl From<&kp_dataplane::DataplaneConfig> for IptablesConfig {
-    fn from(c: &kp_dataplane::DataplaneConfig) -> Self {
-        IptablesConfig {
-            family: c.family,
-            masquerade_bit: c.masquerade_bit,
-            masquerade_all: c.masquerade_all,
-            local_detector: c.local_detector.clone(),
-            node_port_addresses: c.node_port_addresses.clone(),
-            localhost_node_ports: c.localhost_node_ports,
-            tcp_be_liberal: c.tcp_be_liberal,
-            random_fully: c.random_fully,
-        }
-    }
-}
-
-impl IptablesConfig {
-    pub fn masquerade_mark(&self) -> String {
-        format!("{:#08x}", 1u32 << self.masquerade_bit)
-    }
-
-    /// Localhost NodePorts are served (IPv4 only, and only if 127/8 is in scope).
-    pub fn localhost_node_ports_active(&self) -> bool {
-        self.family == IpFamily::V4
-            && self.localhost_node_ports
-            && self.node_port_addresses.contains_ipv4_loopback()
-    }
+/// The masquerade mark as `--or-mark` / `--mark` take it.
+fn masquerade_mark(cfg: &IptablesConfig) -> String {
+    format!("{:#08x}", 1u32 << cfg.masquerade_bit)
 }
 
 /// Result of rendering one sync.
@@ -174,7 +140,7 @@ pub fn render(
 ) -> Rendered {
     let ctx = Ctx {
         cfg,
-        mark: cfg.masquerade_mark(),
+        mark: masquerade_mark(cfg),
         large: state.endpoint_count() > LARGE_CLUSTER_ENDPOINTS,
     };
     let mut out = Rendered::default();

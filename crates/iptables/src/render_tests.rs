@@ -1,5 +1,6 @@
 use super::*;
 use kp_dataplane::service_chain_name;
+use kp_dataplane::{LocalDetector, NodePortAddresses};
 use kp_model::{ChangeTracker, NodeTopology};
 use serde_json::json;
 
@@ -13,6 +14,7 @@ fn cfg() -> IptablesConfig {
         localhost_node_ports: true,
         tcp_be_liberal: false,
         random_fully: true,
+        node_port_ips: vec![],
     }
 }
 

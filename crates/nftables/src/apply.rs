@@ -5,7 +5,7 @@ use kp_dataplane::{Applier, CommandRunner, SyncError};
 use kp_model::IpFamily;
 
 use crate::proxier::NftProxier;
-use crate::render::TABLE;
+use crate::render::{NftSpelling, TABLE};
 use crate::txn::COMMIT_MARKER;
 
 impl<R: CommandRunner> NftProxier<R> {

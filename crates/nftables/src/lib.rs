@@ -11,4 +11,4 @@ mod txn;
 
 pub use names::{endpoint_object, service_chain};
 pub use proxier::NftProxier;
-pub use render::{NftConfig, ServiceObjects, render_service, skeleton};
+pub use render::{NftConfig, NftSpelling, ServiceObjects, render_service, skeleton};

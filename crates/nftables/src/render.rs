@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use kp_dataplane::{LocalDetector, NodePortAddresses};
+use kp_dataplane::LocalDetector;
 use kp_model::{CategorizedEndpoints, IpFamily, Protocol, ServicePort};
 
 use crate::names::{ServiceChains, endpoint_object};
@@ -112,33 +112,24 @@ pub fn picker_rules(cfg: &NftConfig, p: &Picker) -> Vec<String> {
     rules
 }
 
-/// Settings of the nftables mode for one family.
-#[derive(Debug, Clone)]
-pub struct NftConfig {
-    pub family: IpFamily,
-    pub masquerade_bit: u32,
-    pub masquerade_all: bool,
-    pub local_detector: LocalDetector,
-    pub node_port_addresses: NodePortAddresses,
-    /// Node addresses inside `node_port_addresses` (unused when it matches all).
-    pub node_port_ips: Vec<IpAddr>,
+/// Settings of the nftables mode for one family: the mode-neutral ones (it uses all but
+/// the iptables-only localhost NodePorts, conntrack leniency and random-fully flags).
+pub type NftConfig = kp_dataplane::DataplaneConfig;
+
+/// How the nftables mode spells its settings.
+pub trait NftSpelling {
+    /// `ip` or `ip6`.
+    fn nft_family(&self) -> &'static str;
+    /// `ipv4_addr` or `ipv6_addr`.
+    fn addr_type(&self) -> &'static str;
+    /// The masquerade mark.
+    fn mark(&self) -> String;
+    /// The loopback range of the family.
+    fn loopback(&self) -> &'static str;
 }
 
-impl From<&kp_dataplane::DataplaneConfig> for NftConfig {
-    fn from(c: &kp_dataplane::DataplaneConfig) -> Self {
-        NftConfig {
-            family: c.family,
-            masquerade_bit: c.masquerade_bit,
-            masquerade_all: c.masquerade_all,
-            local_detector: c.local_detector.clone(),
-            node_port_addresses: c.node_port_addresses.clone(),
-            node_port_ips: c.node_port_ips.clone(),
-        }
-    }
-}
-
-impl NftConfig {
-    pub fn nft_family(&self) -> &'static str {
+impl NftSpelling for NftConfig {
+    fn nft_family(&self) -> &'static str {
         match self.family {
             IpFamily::V4 => "ip",
             IpFamily::V6 => "ip6",

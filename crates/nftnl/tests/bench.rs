@@ -48,6 +48,9 @@ fn texts(n: u32) -> (String, String, String) {
         local_detector: LocalDetector::Cidrs(vec!["10.128.0.0/9".parse().unwrap()]),
         node_port_addresses: Default::default(),
         node_port_ips: vec![],
+        localhost_node_ports: false,
+        tcp_be_liberal: false,
+        random_fully: true,
     };
     let mut p = NftProxier::new(runner.clone(), cfg);
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");

@@ -98,6 +98,9 @@ fn cfg() -> NftConfig {
         local_detector: LocalDetector::Cidrs(vec!["10.244.0.0/16".parse().unwrap()]),
         node_port_addresses: NodePortAddresses::default(),
         node_port_ips: vec![],
+        localhost_node_ports: false,
+        tcp_be_liberal: false,
+        random_fully: true,
     }
 }
 

@@ -115,6 +115,9 @@ fn cfg(f: &Fam, detector: LocalDetector, all_nodeports: bool) -> NftConfig {
         local_detector: detector,
         node_port_addresses: npa,
         node_port_ips: if all_nodeports { vec![] } else { vec![node_ip] },
+        localhost_node_ports: false,
+        tcp_be_liberal: false,
+        random_fully: true,
     }
 }
 
