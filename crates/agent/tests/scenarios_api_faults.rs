@@ -3,52 +3,15 @@
 //! history restored from a backup (resourceVersions going back: 504 "Too large").
 //! Traffic is probed the whole time. Runs in the mode from `KP_PROXY_MODE`. Needs root.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use kp_testkit::lab::{Lab, wait_for};
-use kp_testkit::probe::{probe_tcp, tcp_connect_once};
+use kp_testkit::probe::probe_tcp;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
-const REDIS: &str = include_str!("../../../examples/redis.yaml");
-const T: Duration = Duration::from_secs(2);
+mod common;
 
-fn setup() -> (Lab, SocketAddr, String) {
-    assert!(nix::unistd::geteuid().is_root(), "needs root");
-    let mode = format!(
-        "--proxy-mode={}",
-        std::env::var("KP_PROXY_MODE").unwrap_or_else(|_| "iptables".into())
-    );
-    let mut lab = Lab::new(1).unwrap();
-    lab.cluster.apply_manifest(REDIS).unwrap();
-    lab.start_proxy(Path::new(BIN), 1, &[&mode]).unwrap();
-    let svc = lab
-        .emulator
-        .get("v1", "Service", Some("default"), "redis")
-        .unwrap();
-    let ip: IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
-    let target = SocketAddr::new(ip, 6379);
-    let ext = lab.topology().ext().ns.clone();
-    assert!(
-        wait_for(Duration::from_secs(20), || tcp_connect_once(
-            &ext, target, T
-        )
-        .ok())
-        .is_some()
-    );
-    (lab, target, ext)
-}
-
-fn healthz(lab: &Lab) -> u16 {
-    kp_testkit::lab::http_get(
-        &lab.node_ns(1),
-        kp_testkit::lab::localhost(10256),
-        "/healthz",
-    )
-    .map(|(code, _)| code)
-    .unwrap_or(0)
-}
+use common::{T, healthz, redis_lab};
 
 /// After a fault: scaling to 3 is applied (all three pods answer) within `within`.
 fn change_is_applied(lab: &mut Lab, target: SocketAddr, ext: &str, within: Duration) {
@@ -66,7 +29,7 @@ fn change_is_applied(lab: &mut Lab, target: SocketAddr, ext: &str, within: Durat
 
 #[test]
 fn hundred_dropped_watches_keep_rules_and_later_changes_apply() {
-    let (mut lab, target, ext) = setup();
+    let (mut lab, target, ext) = redis_lab();
     for i in 0..100 {
         lab.emulator.drop_watches();
         std::thread::sleep(Duration::from_millis(20));
@@ -80,7 +43,7 @@ fn hundred_dropped_watches_keep_rules_and_later_changes_apply() {
 
 #[test]
 fn server_errors_and_stalls_keep_rules_and_changes_made_meanwhile_apply() {
-    let (mut lab, target, ext) = setup();
+    let (mut lab, target, ext) = redis_lab();
     // 500s for every request for a while, watches dropped so the proxy has to come back.
     lab.emulator.set_fail_requests(12, 500);
     lab.emulator.drop_watches();
@@ -120,7 +83,7 @@ fn server_errors_and_stalls_keep_rules_and_changes_made_meanwhile_apply() {
 
 #[test]
 fn restored_history_is_relisted_and_changes_after_it_apply() {
-    let (mut lab, target, ext) = setup();
+    let (mut lab, target, ext) = redis_lab();
     // etcd restored from a backup: same objects, resourceVersions far below what the
     // watchers hold. Resuming gets 504 "Too large resource version"; only a relist helps.
     lab.emulator.restore_with_new_history();

@@ -92,12 +92,6 @@ fn missing_apply_tool_is_logged_counted_retried_and_recovered() {
     assert_eq!(r.total_ok(), 20, "{r}");
 }
 
-fn healthz(lab: &Lab) -> u16 {
-    http_get(&lab.node_ns(1), localhost(10256), "/healthz")
-        .map(|(code, _)| code)
-        .unwrap_or(0)
-}
-
 /// Another program holds the xtables lock (upstream's most reported failure; only the
 /// legacy iptables binaries take it, so iptables mode runs them here). The proxy's
 /// `iptables-restore -w 5` gives up, the failure is logged and counted, `/healthz` turns

@@ -96,6 +96,31 @@ pub fn start(lab: &mut Lab, n: usize, extra: &[&str]) {
         .expect("start proxy");
 }
 
+/// The redis example on one node with the proxy in the mode under test, serving:
+/// (lab, the Service's ClusterIP:6379, the external client's namespace).
+pub fn redis_lab() -> (Lab, SocketAddr, String) {
+    let mut lab = new_lab(1);
+    lab.cluster
+        .apply_manifest(include_str!("../../../../examples/redis.yaml"))
+        .expect("manifest");
+    start(&mut lab, 1, &[]);
+    let target = svc_addr(&lab, "default", "redis", 6379);
+    let ext = ext_ns(&lab);
+    wait_serving(&lab, &ext, target, Duration::from_secs(20));
+    (lab, target, ext)
+}
+
+/// Node 1's `/healthz` status code (0 when it does not answer).
+pub fn healthz(lab: &Lab) -> u16 {
+    kp_testkit::lab::http_get(
+        &lab.node_ns(1),
+        kp_testkit::lab::localhost(10256),
+        "/healthz",
+    )
+    .map(|(code, _)| code)
+    .unwrap_or(0)
+}
+
 /// One proxy per node, all with `--proxy-mode=<mode>` plus `extra`.
 pub fn start_proxies(lab: &mut Lab, extra: &[&str]) {
     for n in 1..=lab.topology().nodes().len() {
