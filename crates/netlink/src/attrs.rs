@@ -38,6 +38,16 @@ impl Attrs {
         self.attr(ty, &v.to_be_bytes());
     }
 
+    /// A host-order u16 attribute (generic netlink's byte order for numbers).
+    pub fn u16_ne(&mut self, ty: u16, v: u16) {
+        self.attr(ty, &v.to_ne_bytes());
+    }
+
+    /// A host-order u32 attribute (generic netlink's byte order for numbers).
+    pub fn u32_ne(&mut self, ty: u16, v: u32) {
+        self.attr(ty, &v.to_ne_bytes());
+    }
+
     /// A NUL-terminated string attribute.
     pub fn str(&mut self, ty: u16, s: &str) {
         let mut d = Vec::with_capacity(s.len() + 1);

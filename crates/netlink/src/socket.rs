@@ -1,4 +1,5 @@
-//! A `NETLINK_NETFILTER` socket (libc), opened in the calling thread's network namespace.
+//! Netlink sockets (libc), opened in the calling thread's network namespace: any protocol
+//! ([`NetlinkSocket`]), with [`NetfilterSocket`] for `NETLINK_NETFILTER`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -10,11 +11,33 @@ const NETLINK_CAP_ACK: libc::c_int = 10;
 /// Errors carry the kernel's message, when it has one.
 const NETLINK_EXT_ACK: libc::c_int = 11;
 
-/// A netfilter netlink socket bound to the kernel.
+/// A netlink socket of one protocol (`NETLINK_NETFILTER`, `NETLINK_GENERIC`, ...) bound
+/// to the kernel.
 #[derive(Debug)]
-pub struct NetfilterSocket {
+pub struct NetlinkSocket {
     fd: OwnedFd,
     sndbuf: usize,
+}
+
+/// A `NETLINK_NETFILTER` socket (nf_tables, ctnetlink).
+#[derive(Debug)]
+pub struct NetfilterSocket(NetlinkSocket);
+
+impl NetfilterSocket {
+    /// Opens a `NETLINK_NETFILTER` socket; see [`NetlinkSocket::open`].
+    pub fn open(rcvbuf: libc::c_int) -> io::Result<NetfilterSocket> {
+        NetlinkSocket::open(libc::NETLINK_NETFILTER, rcvbuf).map(NetfilterSocket)
+    }
+
+    /// See [`NetlinkSocket::send`].
+    pub fn send(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.send(buf)
+    }
+
+    /// See [`NetlinkSocket::recv`].
+    pub fn recv(&self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
+        self.0.recv(buf, wait)
+    }
 }
 
 fn check(r: libc::c_int, what: &str) -> io::Result<()> {
@@ -46,19 +69,21 @@ fn kernel() -> libc::sockaddr_nl {
     sa
 }
 
-impl NetfilterSocket {
-    /// Opens and binds the socket, asking for a `rcvbuf`-byte receive buffer (forced
-    /// past `rmem_max` when the process may; replies to a whole batch queue at once).
-    pub fn open(rcvbuf: libc::c_int) -> io::Result<NetfilterSocket> {
+impl NetlinkSocket {
+    /// Opens and binds a socket of netlink `protocol`, asking for a `rcvbuf`-byte receive
+    /// buffer (forced past `rmem_max` when the process may; replies to a whole batch
+    /// queue at once). Acks do not echo the request (`NETLINK_CAP_ACK`) and errors carry
+    /// the kernel's message when it has one (`NETLINK_EXT_ACK`).
+    pub fn open(protocol: libc::c_int, rcvbuf: libc::c_int) -> io::Result<NetlinkSocket> {
         // SAFETY: plain syscall; the result is checked before it is wrapped.
         let raw = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
+                protocol,
             )
         };
-        check(raw, "socket(AF_NETLINK, NETLINK_NETFILTER)")?;
+        check(raw, &format!("socket(AF_NETLINK, protocol {protocol})"))?;
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let sa = kernel();
@@ -77,7 +102,46 @@ impl NetfilterSocket {
         if setopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, rcvbuf) < 0 {
             setopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf);
         }
-        Ok(NetfilterSocket { fd, sndbuf: 0 })
+        Ok(NetlinkSocket { fd, sndbuf: 0 })
+    }
+
+    /// Opens a `NETLINK_GENERIC` socket (generic netlink families: IPVS, ...).
+    pub fn generic(rcvbuf: libc::c_int) -> io::Result<NetlinkSocket> {
+        NetlinkSocket::open(libc::NETLINK_GENERIC, rcvbuf)
+    }
+
+    /// The receive buffer the kernel granted, in bytes (`SO_RCVBUF`: twice what was
+    /// asked, for its bookkeeping overhead).
+    pub fn rcvbuf(&self) -> io::Result<usize> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` live for the call; `len` holds the size of `v`.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        check(r, "getsockopt(SO_RCVBUF)")?;
+        Ok(v.max(0) as usize)
+    }
+
+    /// Discards every datagram already queued (replies of an earlier, interrupted
+    /// exchange must not be taken for the next one's). Errors such as a pending ENOBUFS
+    /// are consumed too.
+    pub fn drain(&self, buf: &mut [u8]) {
+        loop {
+            match self.recv(buf, Duration::ZERO) {
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Err(_) => return,
+            }
+        }
     }
 
     /// Sends one datagram (a whole batch: the kernel processes it before returning).
