@@ -66,7 +66,21 @@ pub fn dataplane_config(
         localhost_node_ports: settings.localhost_node_ports,
         tcp_be_liberal: settings.conntrack.tcp_be_liberal || crate::kernel::tcp_be_liberal(),
         random_fully: true,
+        ipvs: kp_dataplane::IpvsOptions {
+            scheduler: settings.ipvs.scheduler.clone(),
+            exclude_cidrs: settings.ipvs.exclude_cidrs.clone(),
+            strict_arp: settings.ipvs.strict_arp,
+            tcp_timeout: seconds(settings.ipvs.tcp_timeout),
+            tcp_fin_timeout: seconds(settings.ipvs.tcp_fin_timeout),
+            udp_timeout: seconds(settings.ipvs.udp_timeout),
+            ..Default::default()
+        },
     }
+}
+
+/// Whole seconds of an IPVS timeout (0 = leave the kernel's).
+fn seconds(d: Option<std::time::Duration>) -> u32 {
+    d.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
 /// Removes what the modes we are not running left behind (a mode switch on restart, as

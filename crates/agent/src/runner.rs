@@ -307,7 +307,10 @@ fn iptables_table(kind: RuleKind) -> Option<IptablesTable> {
     match kind {
         RuleKind::IptablesFilter => Some(IptablesTable::Filter),
         RuleKind::IptablesNat => Some(IptablesTable::Nat),
-        RuleKind::NftablesOps => None,
+        RuleKind::NftablesOps
+        | RuleKind::IpvsVirtualServers
+        | RuleKind::IpvsRealServers
+        | RuleKind::IpsetMembers => None,
     }
 }
 

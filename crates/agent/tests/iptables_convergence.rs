@@ -107,6 +107,7 @@ fn cfg() -> IptablesConfig {
         localhost_node_ports: false,
         tcp_be_liberal: false,
         random_fully: true,
+        ipvs: Default::default(),
         node_port_ips: vec![],
     }
 }

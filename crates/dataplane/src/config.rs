@@ -24,6 +24,38 @@ pub struct DataplaneConfig {
     pub tcp_be_liberal: bool,
     /// `--random-fully` on masquerade rules.
     pub random_fully: bool,
+    /// IPVS mode's own settings.
+    pub ipvs: IpvsOptions,
+}
+
+/// IPVS mode's settings (upstream's `ipvs` section, plus the drain bound).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpvsOptions {
+    pub scheduler: String,
+    /// Virtual servers in these CIDRs are never deleted (someone else's).
+    pub exclude_cidrs: Vec<ipnet::IpNet>,
+    pub strict_arp: bool,
+    /// `ipvsadm --set` timeouts in seconds; 0 leaves the kernel's.
+    pub tcp_timeout: u32,
+    pub tcp_fin_timeout: u32,
+    pub udp_timeout: u32,
+    /// A removed TCP real server drains at weight 0 until its connections end, or this
+    /// long at most (upstream waits without bound).
+    pub drain_timeout: std::time::Duration,
+}
+
+impl Default for IpvsOptions {
+    fn default() -> Self {
+        IpvsOptions {
+            scheduler: "rr".into(),
+            exclude_cidrs: Vec::new(),
+            strict_arp: false,
+            tcp_timeout: 0,
+            tcp_fin_timeout: 0,
+            udp_timeout: 0,
+            drain_timeout: std::time::Duration::from_secs(600),
+        }
+    }
 }
 
 impl DataplaneConfig {
@@ -40,6 +72,7 @@ impl DataplaneConfig {
             localhost_node_ports: false,
             tcp_be_liberal: false,
             random_fully: true,
+            ipvs: IpvsOptions::default(),
         }
     }
 

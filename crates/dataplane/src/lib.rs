@@ -10,7 +10,7 @@ mod names;
 mod nodeport;
 mod schedule;
 
-pub use config::DataplaneConfig;
+pub use config::{DataplaneConfig, IpvsOptions};
 pub use mode::{Mode, UnknownMode};
 
 pub use exec::{
@@ -57,6 +57,12 @@ pub enum RuleKind {
     IptablesNat,
     /// Operations (adds, deletes, flushes) in an nftables transaction.
     NftablesOps,
+    /// IPVS virtual servers.
+    IpvsVirtualServers,
+    /// IPVS real servers, over all virtual servers.
+    IpvsRealServers,
+    /// Members of IPVS mode's ipsets (written: members added or deleted).
+    IpsetMembers,
 }
 
 impl RuleKind {
@@ -66,6 +72,9 @@ impl RuleKind {
             RuleKind::IptablesFilter => "filter",
             RuleKind::IptablesNat => "nat",
             RuleKind::NftablesOps => "nft-ops",
+            RuleKind::IpvsVirtualServers => "ipvs-services",
+            RuleKind::IpvsRealServers => "ipvs-real-servers",
+            RuleKind::IpsetMembers => "ipset-members",
         }
     }
 }
@@ -78,6 +87,12 @@ pub enum Applier {
     Iptables,
     Nft,
     Nfnetlink,
+    /// The IPVS generic netlink family.
+    IpvsNetlink,
+    /// `ipset restore`.
+    Ipset,
+    /// iproute2's `ip` (kube-ipvs0 and its addresses).
+    Ip,
 }
 
 impl Applier {
@@ -88,6 +103,9 @@ impl Applier {
             Applier::Iptables => "iptables",
             Applier::Nft => "nft",
             Applier::Nfnetlink => "nfnetlink",
+            Applier::IpvsNetlink => "ipvs-netlink",
+            Applier::Ipset => "ipset",
+            Applier::Ip => "ip",
         }
     }
 }
@@ -162,5 +180,16 @@ pub trait Dataplane: Send {
     /// sync; the agent writes them (and logs what it could not).
     fn required_sysctls(&self) -> Vec<(&'static str, i64)> {
         Vec::new()
+    }
+    /// Checks, before anything is written, that the kernel and tools can run this mode
+    /// as configured; an error is one line for the operator, and the proxy exits.
+    fn preflight(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Whether anything of this mode is in the kernel (cheap; no side effects). The
+    /// agent removes another mode's objects at start only when this says so, so that
+    /// chains two modes share are never flushed on a plain restart.
+    fn is_installed(&mut self) -> bool {
+        true
     }
 }

@@ -14,6 +14,7 @@ fn cfg() -> NftConfig {
         localhost_node_ports: false,
         tcp_be_liberal: false,
         random_fully: true,
+        ipvs: Default::default(),
     }
 }
 

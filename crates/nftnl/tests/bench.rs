@@ -51,6 +51,7 @@ fn texts(n: u32) -> (String, String, String) {
         localhost_node_ports: false,
         tcp_be_liberal: false,
         random_fully: true,
+        ipvs: Default::default(),
     };
     let mut p = NftProxier::new(runner.clone(), cfg);
     let mut t = ChangeTracker::new(IpFamily::V4, "node1");

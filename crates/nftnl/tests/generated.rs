@@ -118,6 +118,7 @@ fn cfg(f: &Fam, detector: LocalDetector, all_nodeports: bool) -> NftConfig {
         localhost_node_ports: false,
         tcp_be_liberal: false,
         random_fully: true,
+        ipvs: Default::default(),
     }
 }
 
