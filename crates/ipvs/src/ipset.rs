@@ -132,7 +132,9 @@ impl Set {
 
     pub fn comment(self) -> &'static str {
         match self {
-            Set::LoopBack => "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose",
+            Set::LoopBack => {
+                "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose"
+            }
             Set::ClusterIp => "Kubernetes service cluster ip + port for masquerade purpose",
             Set::ExternalIp => {
                 "Kubernetes service external ip + port for masquerade and filter purpose"
@@ -154,9 +156,13 @@ impl Set {
                 "Kubernetes service load balancer ip + port + source cidr for packet filter purpose"
             }
             Set::NodePortTcp => "Kubernetes nodeport TCP port for masquerade purpose",
-            Set::NodePortLocalTcp => "Kubernetes nodeport TCP port with externalTrafficPolicy=local",
+            Set::NodePortLocalTcp => {
+                "Kubernetes nodeport TCP port with externalTrafficPolicy=local"
+            }
             Set::NodePortUdp => "Kubernetes nodeport UDP port for masquerade purpose",
-            Set::NodePortLocalUdp => "Kubernetes nodeport UDP port with externalTrafficPolicy=local",
+            Set::NodePortLocalUdp => {
+                "Kubernetes nodeport UDP port with externalTrafficPolicy=local"
+            }
             Set::NodePortSctp => {
                 "Kubernetes nodeport SCTP port for masquerade purpose with type 'hash ip:port'"
             }
@@ -322,10 +328,10 @@ mod tests {
             current.entry(s).or_default();
         }
         let mut wanted = SetContents::new();
-        wanted
-            .entry(Set::ClusterIp)
-            .or_default()
-            .extend(["10.96.0.1,tcp:443".to_string(), "10.96.0.10,udp:53".to_string()]);
+        wanted.entry(Set::ClusterIp).or_default().extend([
+            "10.96.0.1,tcp:443".to_string(),
+            "10.96.0.10,udp:53".to_string(),
+        ]);
         let (script, ops) = restore_script(IpFamily::V4, Some(&current), &wanted);
         assert_eq!(
             script,
@@ -340,9 +346,7 @@ mod tests {
         // Nothing known: every set is created.
         let (script, ops) = restore_script(IpFamily::V6, None, &SetContents::new());
         assert_eq!(ops, Set::ALL.len());
-        assert!(script.contains(
-            "create KUBE-6-NODE-PORT-TCP bitmap:port range 0-65535 comment\n"
-        ));
+        assert!(script.contains("create KUBE-6-NODE-PORT-TCP bitmap:port range 0-65535 comment\n"));
         assert!(script.contains(
             "create KUBE-6-CLUSTER-IP hash:ip,port family inet6 hashsize 1024 maxelem 65536 comment\n"
         ));

@@ -207,11 +207,17 @@ pub fn plan(state: &ProxyState, input: &PlanInput<'_>) -> Plan {
                 out.add(Set::LoadBalancerFw, member);
                 let mut allow_node = false;
                 for r in ranges {
-                    out.add(Set::LoadBalancerSourceCidr, ip_port_net(vip, proto, svc.port, *r));
+                    out.add(
+                        Set::LoadBalancerSourceCidr,
+                        ip_port_net(vip, proto, svc.port, *r),
+                    );
                     allow_node |= input.node_ips.iter().any(|n| r.contains(n));
                 }
                 if allow_node {
-                    out.add(Set::LoadBalancerSourceIp, ip_port_ip(vip, proto, svc.port, vip));
+                    out.add(
+                        Set::LoadBalancerSourceIp,
+                        ip_port_ip(vip, proto, svc.port, vip),
+                    );
                 } else {
                     out.lb_no_node_access.insert(VsKey {
                         addr: vip,

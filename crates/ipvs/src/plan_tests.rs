@@ -59,7 +59,11 @@ fn cluster_ip_node_port_external_ip_and_lb_become_virtual_servers_and_set_member
                     "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080}],
                     "loadBalancerSourceRanges": ["192.0.2.0/24"]},
                 "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.100"}]}}}),
-            slice("web", &[("10.244.1.2", "node1"), ("10.244.2.2", "node2")], "TCP"),
+            slice(
+                "web",
+                &[("10.244.1.2", "node1"), ("10.244.2.2", "node2")],
+                "TCP",
+            ),
         ],
         &["198.18.0.11", "10.0.0.5"],
     );
@@ -76,18 +80,35 @@ fn cluster_ip_node_port_external_ip_and_lb_become_virtual_servers_and_set_member
     }
     assert_eq!(p.virtual_servers.len(), 6);
     // The externalIP the node already holds is not bound again.
-    assert_eq!(p.bound, ips(&["10.96.0.10", "192.0.2.100", "203.0.113.7"]).into_iter().collect());
+    assert_eq!(
+        p.bound,
+        ips(&["10.96.0.10", "192.0.2.100", "203.0.113.7"])
+            .into_iter()
+            .collect()
+    );
     assert_eq!(members(&p, Set::ClusterIp), ["10.96.0.10,tcp:80"]);
-    assert_eq!(members(&p, Set::ExternalIp), ["198.18.0.11,tcp:80", "203.0.113.7,tcp:80"]);
+    assert_eq!(
+        members(&p, Set::ExternalIp),
+        ["198.18.0.11,tcp:80", "203.0.113.7,tcp:80"]
+    );
     assert_eq!(members(&p, Set::LoadBalancer), ["192.0.2.100,tcp:80"]);
     assert_eq!(members(&p, Set::LoadBalancerFw), ["192.0.2.100,tcp:80"]);
-    assert_eq!(members(&p, Set::LoadBalancerSourceCidr), ["192.0.2.100,tcp:80,192.0.2.0/24"]);
+    assert_eq!(
+        members(&p, Set::LoadBalancerSourceCidr),
+        ["192.0.2.100,tcp:80,192.0.2.0/24"]
+    );
     // The node's address is not in the source range: it may not reach the VIP.
     assert!(members(&p, Set::LoadBalancerSourceIp).is_empty());
-    assert_eq!(p.lb_no_node_access, [key("192.0.2.100", 80)].into_iter().collect());
+    assert_eq!(
+        p.lb_no_node_access,
+        [key("192.0.2.100", 80)].into_iter().collect()
+    );
     assert_eq!(members(&p, Set::NodePortTcp), ["30080"]);
     assert!(members(&p, Set::NodePortLocalTcp).is_empty());
-    assert_eq!(members(&p, Set::LoopBack), ["10.244.1.2,tcp:8080,10.244.1.2"]);
+    assert_eq!(
+        members(&p, Set::LoopBack),
+        ["10.244.1.2,tcp:8080,10.244.1.2"]
+    );
     assert_eq!(
         members(&p, Set::IpvsIps),
         ["10.96.0.10", "192.0.2.100", "203.0.113.7"]
@@ -118,7 +139,10 @@ fn affinity_and_scheduler_flags() {
     };
     let p = plan(t.state(), &input("rr"));
     let vs = &p.virtual_servers[&key("10.96.0.1", 80)];
-    assert_eq!((vs.flags, vs.timeout, vs.scheduler.as_str()), (FLAG_PERSISTENT, 60, "rr"));
+    assert_eq!(
+        (vs.flags, vs.timeout, vs.scheduler.as_str()),
+        (FLAG_PERSISTENT, 60, "rr")
+    );
     let p = plan(t.state(), &input("mh"));
     let vs = &p.virtual_servers[&key("10.96.0.1", 80)];
     assert_eq!(vs.flags, FLAG_PERSISTENT | FLAG_SOURCE_PORT_HASH);
@@ -136,7 +160,11 @@ fn traffic_policies_local() {
                     "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30081}]}),
             ),
             slice("etp", &[("10.244.2.2", "node2")], "TCP"),
-            svc("itp", "10.96.0.3", json!({"internalTrafficPolicy": "Local"})),
+            svc(
+                "itp",
+                "10.96.0.3",
+                json!({"internalTrafficPolicy": "Local"}),
+            ),
             slice("itp", &[("10.244.2.3", "node2")], "TCP"),
         ],
         &["198.18.0.11"],
@@ -146,9 +174,15 @@ fn traffic_policies_local() {
     // ETP Local without a local endpoint: the cluster-wide endpoints, for the node and
     // its pods; KUBE-NO-LOCAL-ENDPOINTS lets the filter drop everyone else.
     assert_eq!(reals(&p, "198.18.0.11", 30081), ["10.244.2.2:8080"]);
-    assert_eq!(members(&p, Set::NoLocalEndpoints), ["198.18.0.11,tcp:30081"]);
+    assert_eq!(
+        members(&p, Set::NoLocalEndpoints),
+        ["198.18.0.11,tcp:30081"]
+    );
     assert_eq!(members(&p, Set::NodePortLocalTcp), ["30081"]);
-    assert_eq!((p.no_local_endpoints_internal, p.no_local_endpoints_external), (1, 1));
+    assert_eq!(
+        (p.no_local_endpoints_internal, p.no_local_endpoints_external),
+        (1, 1)
+    );
     // With a local endpoint, only it.
     let p = run(
         &[
@@ -158,12 +192,19 @@ fn traffic_policies_local() {
                 json!({"type": "NodePort", "externalTrafficPolicy": "Local",
                     "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30081}]}),
             ),
-            slice("etp", &[("10.244.2.2", "node2"), ("10.244.1.9", "node1")], "TCP"),
+            slice(
+                "etp",
+                &[("10.244.2.2", "node2"), ("10.244.1.9", "node1")],
+                "TCP",
+            ),
         ],
         &["198.18.0.11"],
     );
     assert_eq!(reals(&p, "198.18.0.11", 30081), ["10.244.1.9:8080"]);
-    assert_eq!(reals(&p, "10.96.0.2", 80), ["10.244.1.9:8080", "10.244.2.2:8080"]);
+    assert_eq!(
+        reals(&p, "10.96.0.2", 80),
+        ["10.244.1.9:8080", "10.244.2.2:8080"]
+    );
     assert!(members(&p, Set::NoLocalEndpoints).is_empty());
 }
 

@@ -90,13 +90,28 @@ impl<R: CommandRunner> IpvsProxier<R> {
         Ok(self.kernel.as_mut().expect("opened above"))
     }
 
-    fn run(&self, tool: Applier, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, SyncError> {
+    fn run(
+        &self,
+        tool: Applier,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, SyncError> {
         let out = self.runner.run(program, args, stdin.map(str::as_bytes))?;
         if out.success() {
             Ok(out.stdout)
         } else {
-            let message = out.stderr.trim().lines().take(3).collect::<Vec<_>>().join(" | ");
-            Err(apply_err(tool, format!("{program} {}: {message}", args.join(" "))))
+            let message = out
+                .stderr
+                .trim()
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" | ");
+            Err(apply_err(
+                tool,
+                format!("{program} {}: {message}", args.join(" ")),
+            ))
         }
     }
 
@@ -108,7 +123,12 @@ impl<R: CommandRunner> IpvsProxier<R> {
 
     fn ensure_device(&self) -> Result<(), SyncError> {
         if !Self::device_exists() {
-            self.run(Applier::Ip, "ip", &["link", "add", DEVICE, "type", "dummy"], None)?;
+            self.run(
+                Applier::Ip,
+                "ip",
+                &["link", "add", DEVICE, "type", "dummy"],
+                None,
+            )?;
             tracing::info!(device = DEVICE, "created the VIP device");
         }
         Ok(())
@@ -120,7 +140,12 @@ impl<R: CommandRunner> IpvsProxier<R> {
             IpFamily::V4 => "-4",
             IpFamily::V6 => "-6",
         };
-        let out = self.run(Applier::Ip, "ip", &[fam, "-o", "addr", "show", "dev", DEVICE], None)?;
+        let out = self.run(
+            Applier::Ip,
+            "ip",
+            &[fam, "-o", "addr", "show", "dev", DEVICE],
+            None,
+        )?;
         Ok(parse_addresses(&out))
     }
 
@@ -134,13 +159,24 @@ impl<R: CommandRunner> IpvsProxier<R> {
         let family = self.cfg.family;
         let k = self.kernel()?;
         let mut out = BTreeMap::new();
-        let all = k
-            .virtual_servers()
-            .map_err(|e| apply_err(Applier::IpvsNetlink, format!("listing virtual servers: {e}")))?;
-        for vs in all.into_iter().filter(|v| IpFamily::of(&v.key.addr) == family) {
+        let all = k.virtual_servers().map_err(|e| {
+            apply_err(
+                Applier::IpvsNetlink,
+                format!("listing virtual servers: {e}"),
+            )
+        })?;
+        for vs in all
+            .into_iter()
+            .filter(|v| IpFamily::of(&v.key.addr) == family)
+        {
             let reals = k
                 .real_servers(&vs.key)
-                .map_err(|e| apply_err(Applier::IpvsNetlink, format!("listing real servers of {}: {e}", vs.key)))?
+                .map_err(|e| {
+                    apply_err(
+                        Applier::IpvsNetlink,
+                        format!("listing real servers of {}: {e}", vs.key),
+                    )
+                })?
                 .into_iter()
                 .map(|r| (r.addr, r.weight))
                 .collect();
@@ -279,7 +315,9 @@ impl<R: CommandRunner> IpvsProxier<R> {
                 .filter(|((_, rs), since)| match reals.get(rs) {
                     None => true,
                     Some(r) if r.weight != 0 => true,
-                    Some(r) => r.active_conns + r.inactive_conns == 0 || now.duration_since(**since) >= cap,
+                    Some(r) => {
+                        r.active_conns + r.inactive_conns == 0 || now.duration_since(**since) >= cap
+                    }
                 })
                 .map(|((_, rs), _)| *rs)
                 .collect();
@@ -321,6 +359,16 @@ impl<R: CommandRunner> IpvsProxier<R> {
         self.cfg.ipvs.drain_timeout
     }
 
+    /// The periodic check without the drift part (the host of the unit tests has no
+    /// kube-ipvs0): finishes drains.
+    #[cfg(test)]
+    fn needs_full_sync_without_drift_for_tests(&mut self) -> bool {
+        if let Err(e) = self.finish_drains(Instant::now()) {
+            panic!("{e}");
+        }
+        self.needs_full
+    }
+
     /// Real servers now draining at weight 0.
     pub fn draining(&self) -> Vec<(VsKey, SocketAddr)> {
         self.draining.keys().copied().collect()
@@ -333,7 +381,9 @@ fn is_v6_link_local(ip: &IpAddr) -> bool {
 
 /// Same virtual server settings (the kernel adds the hashed flag on its own).
 fn same_vs(a: &KernelVs, b: &KernelVs) -> bool {
-    a.scheduler == b.scheduler && (a.flags & !FLAG_HASHED) == (b.flags & !FLAG_HASHED) && a.timeout == b.timeout
+    a.scheduler == b.scheduler
+        && (a.flags & !FLAG_HASHED) == (b.flags & !FLAG_HASHED)
+        && a.timeout == b.timeout
 }
 
 /// Addresses from `ip -o addr show` output.
@@ -389,8 +439,12 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
 
     fn preflight(&mut self) -> Result<(), String> {
         let scheduler = self.cfg.ipvs.scheduler.clone();
-        let k = self.kernel().map_err(|e| format!("IPVS mode needs the kernel's IPVS (ip_vs): {e}"))?;
-        let existing = k.virtual_servers().map_err(|e| format!("cannot list IPVS virtual servers: {e}"))?;
+        let k = self
+            .kernel()
+            .map_err(|e| format!("IPVS mode needs the kernel's IPVS (ip_vs): {e}"))?;
+        let existing = k
+            .virtual_servers()
+            .map_err(|e| format!("cannot list IPVS virtual servers: {e}"))?;
         if !existing.iter().any(|v| v.scheduler == scheduler) {
             let probe = KernelVs {
                 key: VsKey {
@@ -461,9 +515,15 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
         let mut written = BTreeMap::new();
 
         // 1. ipsets: what the rules match must exist before the rules.
-        let (script, set_ops) = ipset::restore_script(self.cfg.family, self.sets.as_ref(), &plan.sets);
+        let (script, set_ops) =
+            ipset::restore_script(self.cfg.family, self.sets.as_ref(), &plan.sets);
         if !script.is_empty() {
-            if let Err(e) = self.run(Applier::Ipset, "ipset", &["restore", "-exist"], Some(&script)) {
+            if let Err(e) = self.run(
+                Applier::Ipset,
+                "ipset",
+                &["restore", "-exist"],
+                Some(&script),
+            ) {
                 self.sets = None;
                 return Err(e);
             }
@@ -482,7 +542,13 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             if !out.success() {
                 return Err(SyncError::Apply {
                     tool: Applier::IptablesRestore,
-                    message: out.stderr.trim().lines().take(3).collect::<Vec<_>>().join(" | "),
+                    message: out
+                        .stderr
+                        .trim()
+                        .lines()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" | "),
                     line: None,
                 });
             }
@@ -505,7 +571,10 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
         for d in drains {
             self.draining.entry(d).or_insert(now);
         }
-        let vs_ops = ops.iter().filter(|o| matches!(o, Op::AddVs(_) | Op::UpdateVs(_) | Op::DelVs(_))).count();
+        let vs_ops = ops
+            .iter()
+            .filter(|o| matches!(o, Op::AddVs(_) | Op::UpdateVs(_) | Op::DelVs(_)))
+            .count();
         written.insert(RuleKind::IpvsVirtualServers, vs_ops);
         written.insert(RuleKind::IpvsRealServers, ops.len() - vs_ops);
         if let Some((i, msg)) = failures.first() {
@@ -514,7 +583,12 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             }
             return Err(apply_err(
                 Applier::IpvsNetlink,
-                format!("{} of {} IPVS changes failed; first: {}: {msg}", failures.len(), ops.len(), ops[*i]),
+                format!(
+                    "{} of {} IPVS changes failed; first: {}: {msg}",
+                    failures.len(),
+                    ops.len(),
+                    ops[*i]
+                ),
             ));
         }
 
@@ -525,7 +599,11 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             IpFamily::V6 => "/128",
         };
         for ip in plan.bound.difference(&self.bound) {
-            let nodad = if self.cfg.family == IpFamily::V6 { " nodad" } else { "" };
+            let nodad = if self.cfg.family == IpFamily::V6 {
+                " nodad"
+            } else {
+                ""
+            };
             batch.push_str(&format!("addr add {ip}{prefix} dev {DEVICE}{nodad}\n"));
         }
         for ip in self.bound.difference(&plan.bound) {
@@ -548,7 +626,10 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
         let mut total = BTreeMap::new();
         total.insert(RuleKind::IpvsVirtualServers, self.applied.len());
         total.insert(RuleKind::IpvsRealServers, real_total);
-        total.insert(RuleKind::IpsetMembers, plan.sets.values().map(BTreeSet::len).sum());
+        total.insert(
+            RuleKind::IpsetMembers,
+            plan.sets.values().map(BTreeSet::len).sum(),
+        );
         total.insert(RuleKind::IptablesNat, rules.nat_rules);
         total.insert(RuleKind::IptablesFilter, rules.filter_rules);
         Ok(SyncReport {
@@ -588,7 +669,14 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             let ops: Vec<Op> = all
                 .into_iter()
                 .filter(|v| IpFamily::of(&v.key.addr) == family)
-                .filter(|v| !self.cfg.ipvs.exclude_cidrs.iter().any(|c| c.contains(&v.key.addr)))
+                .filter(|v| {
+                    !self
+                        .cfg
+                        .ipvs
+                        .exclude_cidrs
+                        .iter()
+                        .any(|c| c.contains(&v.key.addr))
+                })
                 .map(|v| Op::DelVs(v.key))
                 .collect();
             let failures = self.kernel()?.apply(&ops);
@@ -612,18 +700,32 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             }
         }
         let text = rules::cleanup_text();
-        let out = self.runner.run(self.iptables_restore, &["-w", "5", "--noflush"], Some(text.as_bytes()));
+        let out = self.runner.run(
+            self.iptables_restore,
+            &["-w", "5", "--noflush"],
+            Some(text.as_bytes()),
+        );
         if let Ok(out) = &out
             && !out.success()
         {
-            tracing::debug!(error = out.stderr.trim(), "IPVS-mode chains not all removed (some absent)");
+            tracing::debug!(
+                error = out.stderr.trim(),
+                "IPVS-mode chains not all removed (some absent)"
+            );
             // One by one, so a missing chain does not keep the others.
-            for (table, chains) in [("nat", &rules::NAT_CHAINS[..]), ("filter", &rules::FILTER_CHAINS[..])] {
+            for (table, chains) in [
+                ("nat", &rules::NAT_CHAINS[..]),
+                ("filter", &rules::FILTER_CHAINS[..]),
+            ] {
                 for c in chains {
-                    let _ = self.runner.run(self.iptables, &["-w", "5", "-t", table, "-F", c], None);
+                    let _ =
+                        self.runner
+                            .run(self.iptables, &["-w", "5", "-t", table, "-F", c], None);
                 }
                 for c in chains {
-                    let _ = self.runner.run(self.iptables, &["-w", "5", "-t", table, "-X", c], None);
+                    let _ =
+                        self.runner
+                            .run(self.iptables, &["-w", "5", "-t", table, "-X", c], None);
                 }
             }
         }
@@ -653,16 +755,19 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
         if Self::device_exists() {
             return true;
         }
-        let chain = self
-            .runner
-            .run(self.iptables, &["-w", "5", "-t", "filter", "-S", rules::KUBE_IPVS_FILTER], None);
+        let chain = self.runner.run(
+            self.iptables,
+            &["-w", "5", "-t", "filter", "-S", rules::KUBE_IPVS_FILTER],
+            None,
+        );
         if chain.is_ok_and(|o| o.success()) {
             return true;
         }
         self.runner
             .run("ipset", &["list", "-n"], None)
             .is_ok_and(|o| {
-                let ours: BTreeSet<String> = Set::ALL.iter().map(|s| s.name(self.cfg.family)).collect();
+                let ours: BTreeSet<String> =
+                    Set::ALL.iter().map(|s| s.name(self.cfg.family)).collect();
                 o.stdout.lines().any(|l| ours.contains(l.trim()))
             })
     }
@@ -680,7 +785,10 @@ impl<R: CommandRunner> IpvsProxier<R> {
             Err(e) => return Some(e.to_string()),
             _ => {}
         }
-        for j in JUMPS.iter().filter(|j| j.table == "nat" && j.to == rules::KUBE_SERVICES) {
+        for j in JUMPS
+            .iter()
+            .filter(|j| j.table == "nat" && j.to == rules::KUBE_SERVICES)
+        {
             let args = j.args();
             let mut check = vec!["-w", "5", "-t", j.table, "-C", j.from];
             check.extend(&args);
@@ -690,7 +798,11 @@ impl<R: CommandRunner> IpvsProxier<R> {
                 _ => return Some(format!("jump {} -> {} is gone", j.from, j.to)),
             }
         }
-        match self.runner.run(self.iptables, &["-w", "5", "-t", "filter", "-S", rules::KUBE_IPVS_FILTER], None) {
+        match self.runner.run(
+            self.iptables,
+            &["-w", "5", "-t", "filter", "-S", rules::KUBE_IPVS_FILTER],
+            None,
+        ) {
             Ok(o) if o.success() => {
                 let rules = o.stdout.lines().filter(|l| l.starts_with("-A ")).count();
                 if rules == 0 {
