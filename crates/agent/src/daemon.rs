@@ -87,7 +87,7 @@ fn seconds(d: Option<std::time::Duration>) -> u32 {
 /// upstream's platformCleanup). Errors mean "nothing there".
 fn cleanup_other_modes(running: Mode, cfg: &DataplaneConfig) {
     for mode in Mode::ALL.into_iter().filter(|m| *m != running) {
-        if let crate::modes::Cleaned::Removed = crate::modes::cleanup(mode, cfg) {
+        if let crate::modes::Cleaned::Removed = crate::modes::cleanup_leftovers(mode, cfg) {
             tracing::debug!(family = cfg.family.k8s_name(), %mode, "removed what the other proxy mode left");
         }
     }
@@ -271,8 +271,13 @@ pub async fn run(loaded: Loaded) -> anyhow::Result<()> {
         } else {
             cfg.node_port_ips.clone()
         };
+        let mut dataplane = crate::modes::new_dataplane(s.mode, &cfg)?;
+        // Before anything is removed or written: a kernel or tool this mode cannot run
+        // with stops the proxy here, with the node's rules as they were.
+        dataplane
+            .preflight()
+            .map_err(|e| anyhow::anyhow!("{} mode cannot start: {e}", s.mode))?;
         cleanup_other_modes(s.mode, &cfg);
-        let dataplane = crate::modes::new_dataplane(s.mode, &cfg)?;
         tracing::info!(family = family.k8s_name(), mode = %s.mode, applier = %dataplane.applier(), "dataplane");
         for (sysctl, value) in dataplane.required_sysctls() {
             crate::kernel::write_sysctl(sysctl, value);

@@ -175,7 +175,7 @@ fn cleanup(settings: &kp_config::Settings) -> ExitCode {
                 modes::Cleaned::ToolMissing => {
                     tracing::debug!(family, %mode, "tool not installed; nothing to remove")
                 }
-                modes::Cleaned::NotImplemented => {}
+                modes::Cleaned::NotImplemented | modes::Cleaned::NothingThere => {}
                 modes::Cleaned::Failed(e) => {
                     tracing::error!(family, %mode, error = %e, "cleanup failed");
                     ok = false;

@@ -23,7 +23,12 @@ pub fn new_dataplane(
         Mode::Nftables => Ok(Box::new(
             kp_nftables::NftProxier::new(SystemRunner, cfg.clone()).with_netlink_applier(),
         )),
-        Mode::Ipvs | Mode::Userspace => Err(NotImplemented(mode)),
+        Mode::Ipvs => Ok(Box::new(kp_ipvs::IpvsProxier::new(
+            SystemRunner,
+            cfg.clone(),
+            Box::new(kp_ipvs::open_netlink),
+        ))),
+        Mode::Userspace => Err(NotImplemented(mode)),
     }
 }
 
@@ -39,6 +44,8 @@ pub enum Cleaned {
     /// The mode's tool is not installed, so nothing of it can be there.
     ToolMissing,
     NotImplemented,
+    /// Nothing of the mode was found (so nothing was touched).
+    NothingThere,
     Failed(SyncError),
 }
 
@@ -48,6 +55,22 @@ pub fn cleanup(mode: Mode, cfg: &DataplaneConfig) -> Cleaned {
     let Ok(mut dataplane) = new_dataplane(mode, cfg) else {
         return Cleaned::NotImplemented;
     };
+    match dataplane.cleanup() {
+        Ok(()) => Cleaned::Removed,
+        Err(e) if e.is_tool_missing() => Cleaned::ToolMissing,
+        Err(e) => Cleaned::Failed(e),
+    }
+}
+
+/// Removes what `mode` left behind, if anything of it is there: a plain restart of the
+/// running mode never flushes the chains two modes share (KUBE-SERVICES and others).
+pub fn cleanup_leftovers(mode: Mode, cfg: &DataplaneConfig) -> Cleaned {
+    let Ok(mut dataplane) = new_dataplane(mode, cfg) else {
+        return Cleaned::NotImplemented;
+    };
+    if !dataplane.is_installed() {
+        return Cleaned::NothingThere;
+    }
     match dataplane.cleanup() {
         Ok(()) => Cleaned::Removed,
         Err(e) if e.is_tool_missing() => Cleaned::ToolMissing,

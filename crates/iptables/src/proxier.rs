@@ -583,6 +583,15 @@ impl<R: CommandRunner + 'static> Dataplane for IptablesProxier<R> {
         false
     }
 
+    fn is_installed(&mut self) -> bool {
+        // Every run of this mode makes the canary chains (IPVS mode, which shares
+        // KUBE-SERVICES and others, makes none).
+        ["mangle", "nat"].iter().any(|table| {
+            self.ipt(&["-w", "5", "-t", table, "-S", CANARY])
+                .is_ok_and(|o| o.success())
+        })
+    }
+
     fn cleanup(&mut self) -> Result<(), SyncError> {
         let mut jumps: Vec<Jump> = JUMPS.to_vec();
         // KUBE-FIREWALL is kubelet's chain too: its jumps go only if the chain holds

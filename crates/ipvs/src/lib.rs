@@ -9,6 +9,7 @@
 
 pub mod ipset;
 pub mod kernel;
+mod netlink;
 pub mod plan;
 mod proxier;
 pub mod rules;
@@ -16,5 +17,6 @@ pub mod rules;
 mod test_fixtures;
 
 pub use kernel::{FakeIpvs, IpvsKernel, KernelRs, KernelVs, Op};
+pub use netlink::{NetlinkIpvs, open_netlink};
 pub use plan::{Plan, PlanInput, VsKey, VsSpec};
 pub use proxier::{DEVICE, IpvsProxier, KernelOpener, conn_reuse_mode_needs_zero, parse_addresses};
