@@ -94,14 +94,13 @@ impl IpvsKernel for FakeIpvs {
             }
             self.applied.push(op.clone());
             let r = match op {
-                Op::AddVs(v) => {
-                    if self.services.contains_key(&v.key) {
-                        Err("File exists")
-                    } else {
-                        self.services.insert(v.key, (v.clone(), BTreeMap::new()));
+                Op::AddVs(v) => match self.services.entry(v.key) {
+                    std::collections::btree_map::Entry::Occupied(_) => Err("File exists"),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert((v.clone(), BTreeMap::new()));
                         Ok(())
                     }
-                }
+                },
                 Op::UpdateVs(v) => match self.services.get_mut(&v.key) {
                     Some(s) => {
                         s.0 = v.clone();

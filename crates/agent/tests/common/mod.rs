@@ -136,6 +136,35 @@ pub fn logs(lab: &Lab) -> String {
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
         out.push_str(&format!("--- node{n} proxy log (tail) ---\n{tail}\n"));
+        out.push_str(&ipvs_dump(lab, n));
+    }
+    out
+}
+
+/// In IPVS mode, what node `n`'s kernel holds (virtual servers, kube-ipvs0, sets, nat
+/// rules), for failure messages; empty in other modes.
+pub fn ipvs_dump(lab: &Lab, n: usize) -> String {
+    if mode() != "ipvs" {
+        return String::new();
+    }
+    let ns = lab.node_ns(n);
+    let mut out = format!("--- node{n} IPVS state ---\n");
+    for argv in [
+        &["ipvsadm", "-Ln", "--stats"][..],
+        &["ipvsadm", "-Lnc"],
+        &["ip", "-o", "addr", "show", "dev", "kube-ipvs0"],
+        &["conntrack", "-L"],
+        &["iptables-save", "-c"],
+    ] {
+        let text = match lab.topology().exec(&ns, argv) {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => e.to_string(),
+        };
+        out.push_str(&format!("$ {}\n{text}\n", argv.join(" ")));
     }
     out
 }
@@ -400,8 +429,9 @@ pub fn wait_serving(lab: &Lab, ns: &str, target: SocketAddr, timeout: Duration) 
     let ok = wait_for(timeout, || tcp_connect_once(ns, target, T).ok());
     assert!(
         ok.is_some(),
-        "{target} never answered from {ns}; proxy log:\n{}",
-        lab.proxy_log(1)
+        "{target} never answered from {ns}; proxy log:\n{}{}",
+        lab.proxy_log(1),
+        ipvs_dump(lab, 1)
     );
 }
 
