@@ -115,21 +115,27 @@ impl<R: CommandRunner> IpvsProxier<R> {
         }
     }
 
-    fn device_exists() -> bool {
-        let name = std::ffi::CString::new(DEVICE).expect("no NUL");
-        // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
-        unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+    /// Whether kube-ipvs0 exists in this network namespace (asked of the kernel through
+    /// `ip`: the answer of glibc's if_nametoindex was seen stale here).
+    fn device_exists(&self) -> bool {
+        self.runner
+            .run("ip", &["-o", "link", "show", "dev", DEVICE], None)
+            .is_ok_and(|o| o.success())
     }
 
     fn ensure_device(&self) -> Result<(), SyncError> {
-        if !Self::device_exists() {
-            self.run(
+        if !self.device_exists() {
+            match self.run(
                 Applier::Ip,
                 "ip",
                 &["link", "add", DEVICE, "type", "dummy"],
                 None,
-            )?;
-            tracing::info!(device = DEVICE, "created the VIP device");
+            ) {
+                Ok(_) => tracing::info!(device = DEVICE, "created the VIP device"),
+                // The other family's proxier made it in the meantime.
+                Err(e) if e.to_string().contains("File exists") => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -596,7 +602,11 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
         tracing::debug!(family = self.cfg.family.k8s_name(), elapsed = ?applying.elapsed(), "rules written");
         // 3. IPVS.
         let (ops, drains) = self.diff(&plan, full, now);
-        tracing::debug!(family = self.cfg.family.k8s_name(), ops = ops.len(), "applying IPVS changes");
+        tracing::debug!(
+            family = self.cfg.family.k8s_name(),
+            ops = ops.len(),
+            "applying IPVS changes"
+        );
         let failures = self.kernel()?.apply(&ops);
         for (i, op) in ops.iter().enumerate() {
             if !failures.iter().any(|(f, _)| *f == i) {
@@ -717,7 +727,7 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
                 return Err(apply_err(Applier::IpvsNetlink, format!("{}: {e}", ops[*i])));
             }
         }
-        if Self::device_exists() {
+        if self.device_exists() {
             self.run(Applier::Ip, "ip", &["link", "del", DEVICE], None)?;
         }
         // iptables: jumps, then our chains (sets are referenced until then).
@@ -785,7 +795,7 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
     }
 
     fn is_installed(&mut self) -> bool {
-        if Self::device_exists() {
+        if self.device_exists() {
             return true;
         }
         let chain = self.runner.run(
@@ -810,7 +820,7 @@ impl<R: CommandRunner> IpvsProxier<R> {
     /// What someone else changed since our last sync, if anything: kube-ipvs0, its
     /// addresses, our chains and jumps, our sets, our virtual servers.
     fn drift(&mut self) -> Option<String> {
-        if !Self::device_exists() {
+        if !self.device_exists() {
             return Some(format!("{DEVICE} is gone"));
         }
         match self.read_bound() {
