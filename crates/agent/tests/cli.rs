@@ -117,16 +117,25 @@ fn a_kubeadm_daemonset_command_line_is_accepted() {
 fn every_implemented_mode_is_tested_by_scripts_kp() {
     let mut implemented = Vec::new();
     for mode in kp_dataplane::Mode::ALL {
-        // --init-only with every kernel setting off: exits at once, touching nothing.
-        let (code, _, err) = run(&[
-            &format!("--proxy-mode={mode}"),
-            "--init-only",
-            "--conntrack-max-per-core=0",
-            "--conntrack-min=0",
-            "--conntrack-tcp-timeout-established=0s",
-            "--conntrack-tcp-timeout-close-wait=0s",
-            "--iptables-localhost-nodeports=false",
-        ]);
+        // --init-only with every optional kernel setting off, in a throw-away network
+        // namespace (a mode's required sysctls, such as IPVS mode's ip_forward, are
+        // written there, not on this machine): exits at once.
+        let out = Command::new("unshare")
+            .args(["--net", BIN])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .args([
+                format!("--proxy-mode={mode}").as_str(),
+                "--init-only",
+                "--conntrack-max-per-core=0",
+                "--conntrack-min=0",
+                "--conntrack-tcp-timeout-established=0s",
+                "--conntrack-tcp-timeout-close-wait=0s",
+                "--iptables-localhost-nodeports=false",
+            ])
+            .output()
+            .unwrap();
+        let code = out.status.code().unwrap_or(-1);
+        let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("not implemented yet") {
             assert_eq!(code, 1, "{mode}: {err}");
         } else {

@@ -383,3 +383,38 @@ fn addresses_from_ip_output() {
     let got: Vec<String> = parse_addresses(out).iter().map(|i| i.to_string()).collect();
     assert_eq!(got, ["10.96.0.10", "fd00::a"]);
 }
+
+#[test]
+fn a_drain_ends_at_its_bound_even_with_connections_left() {
+    let r = runner("");
+    let ipvs = Shared::default();
+    let k = ipvs.clone();
+    let mut c = cfg();
+    c.ipvs.drain_timeout = Duration::ZERO;
+    let mut p = IpvsProxier::new(r.clone(), c, Box::new(move || Ok(Box::new(k.clone()))));
+    let mut t = tracker(&objects());
+    sync(&mut p, &mut t);
+    let gone: SocketAddr = "10.244.2.2:8080".parse().unwrap();
+    let cluster = key("10.96.0.10", 80, Protocol::Tcp);
+    ipvs.0
+        .lock()
+        .unwrap()
+        .services
+        .get_mut(&cluster)
+        .unwrap()
+        .1
+        .get_mut(&gone)
+        .unwrap()
+        .active_conns = 7;
+    t.update_slice(
+        &serde_json::from_value(slice("web", &[("10.244.1.2", "node1")], "TCP")).unwrap(),
+        &mut vec![],
+    )
+    .unwrap();
+    sync(&mut p, &mut t);
+    assert!(p.draining().is_empty());
+    assert_eq!(
+        weights(&ipvs, &cluster),
+        [("10.244.1.2:8080".to_string(), 1)]
+    );
+}
