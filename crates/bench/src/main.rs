@@ -34,7 +34,8 @@ struct Args {
     soak: u64,
     #[arg(long, default_value_t = 20)]
     soak_rate: u64,
-    /// Proxy mode: iptables or nftables.
+    /// Proxy mode: iptables, nftables or ipvs (ipvs needs a kernel with IPVS: run it in
+    /// the guest, `scripts/guest run -- target/release/kp-bench --mode ipvs ...`).
     #[arg(long, default_value = "iptables")]
     mode: String,
     /// iptables mode: skip the `--noflush` floor (quadratic in chains with iptables-nft
@@ -455,7 +456,15 @@ fn main() -> anyhow::Result<()> {
     // Kernel floor: load the final ruleset alone into a fresh namespace.
     lab.stop_proxy(1, false);
     let nft = args.mode == "nftables";
-    let (dump, rules) = if nft {
+    let ipvs = args.mode == "ipvs";
+    let (dump, rules) = if ipvs {
+        // IPVS mode's state: the virtual and real servers and the ipsets (its dozen
+        // iptables rules do not grow with services).
+        let services = lab.topology().exec_ok(&node, &["ipvsadm", "-Sn"])?;
+        let sets = lab.topology().exec_ok(&node, &["ipset", "save"])?;
+        let n = services.lines().filter(|l| l.starts_with("-a ")).count();
+        (format!("{services}\u{0}{sets}"), n)
+    } else if nft {
         let t = lab
             .topology()
             .exec_ok(&node, &["nft", "list", "table", "ip", "kube-proxy"])?;
@@ -482,24 +491,31 @@ fn main() -> anyhow::Result<()> {
         (format!("{filter}{nat}"), n)
     };
     // Loads `dump` into a fresh namespace with `loader`; None if it failed.
-    let load_alone = |loader: &[&str]| -> anyhow::Result<Duration> {
+    // (IPVS: `loader` runs once per NUL-separated part of `dump`, timed together.)
+    let load_alone = |loader: &[&[&str]]| -> anyhow::Result<Duration> {
         let ns = format!("kpbench{}", std::process::id());
         let run = |a: &[&str]| std::process::Command::new("ip").args(a).status();
         run(&["netns", "add", &ns])?;
-        let t = Instant::now();
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .args(loader)
-            .stdin(std::process::Stdio::piped())
-            .spawn()?;
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(dump.as_bytes())?;
-        let ok = child.wait()?.success();
-        let el = t.elapsed();
+        // IPVS refuses IPv4 real servers in a namespace whose loopback is down.
+        run(&["-n", &ns, "link", "set", "lo", "up"])?;
+        let mut el = Duration::ZERO;
+        let mut ok = true;
+        for (part, loader) in dump.split('\u{0}').zip(loader) {
+            let t = Instant::now();
+            let mut child = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(*loader)
+                .stdin(std::process::Stdio::piped())
+                .spawn()?;
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .context("stdin")?
+                .write_all(part.as_bytes())?;
+            ok &= child.wait()?.success();
+            el += t.elapsed();
+        }
         run(&["netns", "del", &ns])?;
         if !ok {
             bail!("floor load with {loader:?} failed");
@@ -509,17 +525,22 @@ fn main() -> anyhow::Result<()> {
     // Floors: for nftables `nft -f`; for iptables the whole tables replaced (the fastest
     // load of these rules) and, unless skipped, `--noflush` as upstream loads them.
     let mut floors: Vec<(&str, Duration)> = Vec::new();
-    if nft {
-        floors.push(("nft -f", load_alone(&["nft", "-f", "-"])?));
+    if ipvs {
+        floors.push((
+            "ipvsadm --restore + ipset restore",
+            load_alone(&[&["ipvsadm", "--restore"], &["ipset", "restore"]])?,
+        ));
+    } else if nft {
+        floors.push(("nft -f", load_alone(&[&["nft", "-f", "-"]])?));
     } else {
         floors.push((
             "iptables-restore (tables replaced)",
-            load_alone(&["iptables-restore"])?,
+            load_alone(&[&["iptables-restore"]])?,
         ));
         if !args.no_noflush_floor {
             floors.push((
                 "iptables-restore --noflush (upstream's way)",
-                load_alone(&["iptables-restore", "--noflush"])?,
+                load_alone(&[&["iptables-restore", "--noflush"]])?,
             ));
         }
     }
@@ -529,6 +550,8 @@ fn main() -> anyhow::Result<()> {
     let (a50, a99, amin, amax) = stats(&partial_apply);
     let applier = if nft {
         "netlink batch, kernel time"
+    } else if ipvs {
+        "ipset restore, iptables-restore, IPVS netlink, ip"
     } else {
         "iptables-restore run"
     };
