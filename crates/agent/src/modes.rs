@@ -27,6 +27,7 @@ pub fn new_dataplane(
             SystemRunner,
             cfg.clone(),
             Box::new(kp_ipvs::open_netlink),
+            Box::new(kp_ipvs::RtnlDevice::new(kp_ipvs::DEVICE)),
         ))),
         Mode::Userspace => Err(NotImplemented(mode)),
     }

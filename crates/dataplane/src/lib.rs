@@ -91,8 +91,8 @@ pub enum Applier {
     IpvsNetlink,
     /// `ipset restore`.
     Ipset,
-    /// iproute2's `ip` (kube-ipvs0 and its addresses).
-    Ip,
+    /// rtnetlink (kube-ipvs0 and its addresses).
+    Rtnetlink,
 }
 
 impl Applier {
@@ -105,7 +105,7 @@ impl Applier {
             Applier::Nfnetlink => "nfnetlink",
             Applier::IpvsNetlink => "ipvs-netlink",
             Applier::Ipset => "ipset",
-            Applier::Ip => "ip",
+            Applier::Rtnetlink => "rtnetlink",
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod ipset;
 pub mod kernel;
+pub mod link;
 mod netlink;
 pub mod plan;
 mod proxier;
@@ -17,6 +18,7 @@ pub mod rules;
 mod test_fixtures;
 
 pub use kernel::{FakeIpvs, IpvsKernel, KernelRs, KernelVs, Op};
+pub use link::{FakeDevice, RtnlDevice, VipDevice};
 pub use netlink::{NetlinkIpvs, open_netlink};
 pub use plan::{Plan, PlanInput, VsKey, VsSpec};
-pub use proxier::{DEVICE, IpvsProxier, KernelOpener, conn_reuse_mode_needs_zero, parse_addresses};
+pub use proxier::{DEVICE, IpvsProxier, KernelOpener, conn_reuse_mode_needs_zero};

@@ -15,6 +15,7 @@ use kp_model::{IpFamily, Protocol};
 
 use crate::ipset::{self, Set, SetContents};
 use crate::kernel::{IpvsKernel, KernelRs, KernelVs, Op};
+use crate::link::VipDevice;
 use crate::plan::{FLAG_HASHED, Plan, PlanInput, VsKey, plan};
 use crate::rules::{self, JUMPS};
 
@@ -39,6 +40,7 @@ pub struct IpvsProxier<R: CommandRunner> {
     cfg: DataplaneConfig,
     open: KernelOpener,
     kernel: Option<Box<dyn IpvsKernel>>,
+    device: Box<dyn VipDevice>,
     iptables_restore: &'static str,
     iptables: &'static str,
     needs_full: bool,
@@ -60,7 +62,12 @@ fn apply_err(tool: Applier, message: impl Into<String>) -> SyncError {
 }
 
 impl<R: CommandRunner> IpvsProxier<R> {
-    pub fn new(runner: R, cfg: DataplaneConfig, open: KernelOpener) -> Self {
+    pub fn new(
+        runner: R,
+        cfg: DataplaneConfig,
+        open: KernelOpener,
+        device: Box<dyn VipDevice>,
+    ) -> Self {
         let (iptables, iptables_restore) = match cfg.family {
             IpFamily::V4 => ("iptables", "iptables-restore"),
             IpFamily::V6 => ("ip6tables", "ip6tables-restore"),
@@ -70,6 +77,7 @@ impl<R: CommandRunner> IpvsProxier<R> {
             cfg,
             open,
             kernel: None,
+            device,
             iptables,
             iptables_restore,
             needs_full: true,
@@ -115,44 +123,24 @@ impl<R: CommandRunner> IpvsProxier<R> {
         }
     }
 
-    /// Whether kube-ipvs0 exists in this network namespace (asked of the kernel through
-    /// `ip`: the answer of glibc's if_nametoindex was seen stale here).
-    fn device_exists(&self) -> bool {
-        self.runner
-            .run("ip", &["-o", "link", "show", "dev", DEVICE], None)
-            .is_ok_and(|o| o.success())
+    fn device_exists(&mut self) -> bool {
+        self.device.exists().unwrap_or(false)
     }
 
-    fn ensure_device(&self) -> Result<(), SyncError> {
-        if !self.device_exists() {
-            match self.run(
-                Applier::Ip,
-                "ip",
-                &["link", "add", DEVICE, "type", "dummy"],
-                None,
-            ) {
-                Ok(_) => tracing::info!(device = DEVICE, "created the VIP device"),
-                // The other family's proxier made it in the meantime.
-                Err(e) if e.to_string().contains("File exists") => {}
-                Err(e) => return Err(e),
-            }
+    fn ensure_device(&mut self) -> Result<(), SyncError> {
+        let dev = |e: String| apply_err(Applier::Rtnetlink, e);
+        if !self.device.exists().map_err(dev)? {
+            self.device.create().map_err(dev)?;
+            tracing::info!(device = DEVICE, "created the VIP device");
         }
         Ok(())
     }
 
     /// The addresses of our family on kube-ipvs0.
-    fn read_bound(&self) -> Result<BTreeSet<IpAddr>, SyncError> {
-        let fam = match self.cfg.family {
-            IpFamily::V4 => "-4",
-            IpFamily::V6 => "-6",
-        };
-        let out = self.run(
-            Applier::Ip,
-            "ip",
-            &[fam, "-o", "addr", "show", "dev", DEVICE],
-            None,
-        )?;
-        Ok(parse_addresses(&out))
+    fn read_bound(&mut self) -> Result<BTreeSet<IpAddr>, SyncError> {
+        self.device
+            .addresses(self.cfg.family)
+            .map_err(|e| apply_err(Applier::Rtnetlink, e))
     }
 
     fn read_sets(&self) -> Result<SetContents, SyncError> {
@@ -205,8 +193,9 @@ impl<R: CommandRunner> IpvsProxier<R> {
             "ip6tables-save"
         };
         let mut text = String::new();
+        let all = self.run(Applier::IptablesSave, save, &[], None)?;
         for table in ["nat", "filter"] {
-            let listed = self.run(Applier::IptablesSave, save, &["-t", table], None)?;
+            let listed = table_section(&all, table);
             let missing: Vec<_> = JUMPS
                 .iter()
                 .filter(|j| j.table == table)
@@ -405,6 +394,19 @@ impl<R: CommandRunner> IpvsProxier<R> {
     }
 }
 
+/// The lines of `table` in `iptables-save` output.
+fn table_section<'a>(save: &'a str, table: &str) -> &'a str {
+    let head = format!("*{table}\n");
+    let Some(start) = save.find(&head) else {
+        return "";
+    };
+    let rest = &save[start..];
+    match rest.find("\nCOMMIT") {
+        Some(end) => &rest[..end],
+        None => rest,
+    }
+}
+
 /// Whether an `iptables-save` line is jump `j` (`-A FROM -m comment --comment "C" -j TO`).
 fn is_jump_line(line: &str, j: &rules::Jump) -> bool {
     line.starts_with(&format!("-A {} ", j.from))
@@ -421,27 +423,6 @@ fn same_vs(a: &KernelVs, b: &KernelVs) -> bool {
     a.scheduler == b.scheduler
         && (a.flags & !FLAG_HASHED) == (b.flags & !FLAG_HASHED)
         && a.timeout == b.timeout
-}
-
-/// Addresses from `ip -o addr show` output.
-pub fn parse_addresses(out: &str) -> BTreeSet<IpAddr> {
-    let mut set = BTreeSet::new();
-    for line in out.lines() {
-        let mut words = line.split_whitespace();
-        while let Some(w) = words.next() {
-            if w == "inet" || w == "inet6" {
-                if let Some(ip) = words
-                    .next()
-                    .and_then(|a| a.split('/').next())
-                    .and_then(|a| a.parse().ok())
-                {
-                    set.insert(ip);
-                }
-                break;
-            }
-        }
-    }
-    set
 }
 
 impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
@@ -639,27 +620,24 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
 
         tracing::debug!(family = self.cfg.family.k8s_name(), elapsed = ?applying.elapsed(), "IPVS changes applied");
         // 4. VIPs: bind new ones now that their virtual servers exist; unbind stale ones.
-        let mut batch = String::new();
-        let prefix = match self.cfg.family {
-            IpFamily::V4 => "/32",
-            IpFamily::V6 => "/128",
-        };
-        for ip in plan.bound.difference(&self.bound) {
-            let nodad = if self.cfg.family == IpFamily::V6 {
-                " nodad"
-            } else {
-                ""
-            };
-            batch.push_str(&format!("addr add {ip}{prefix} dev {DEVICE}{nodad}\n"));
-        }
-        for ip in self.bound.difference(&plan.bound) {
-            batch.push_str(&format!("addr del {ip}{prefix} dev {DEVICE}\n"));
-        }
-        if !batch.is_empty() {
-            // On failure the (full) retry reads back what is there.
-            self.run(Applier::Ip, "ip", &["-force", "-batch", "-"], Some(&batch))?;
+        let add: Vec<IpAddr> = plan.bound.difference(&self.bound).copied().collect();
+        let del: Vec<IpAddr> = self.bound.difference(&plan.bound).copied().collect();
+        if !add.is_empty() || !del.is_empty() {
+            let failures = self.device.change(&add, &del);
+            if let Some(first) = failures.first() {
+                // The (full) retry reads back what is there.
+                return Err(apply_err(
+                    Applier::Rtnetlink,
+                    format!(
+                        "{} of {} VIP changes failed; first: {first}",
+                        failures.len(),
+                        add.len() + del.len()
+                    ),
+                ));
+            }
             self.bound = plan.bound.clone();
         }
+        let vip_changes = add.len() + del.len();
 
         // 5. Drains that ended.
         self.finish_drains(now)?;
@@ -683,7 +661,7 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             no_local_endpoints_external: plan.no_local_endpoints_external,
             health_checks: plan.health_checks,
             warnings: plan.warnings,
-            bytes_written: script.len() + rules.text.len() + batch.len(),
+            bytes_written: script.len() + rules.text.len() + vip_changes * 40,
             apply_time: applying.elapsed(),
         })
     }
@@ -727,9 +705,9 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
                 return Err(apply_err(Applier::IpvsNetlink, format!("{}: {e}", ops[*i])));
             }
         }
-        if self.device_exists() {
-            self.run(Applier::Ip, "ip", &["link", "del", DEVICE], None)?;
-        }
+        self.device
+            .delete()
+            .map_err(|e| apply_err(Applier::Rtnetlink, e))?;
         // iptables: jumps, then our chains (sets are referenced until then).
         for j in JUMPS {
             let args = j.args();

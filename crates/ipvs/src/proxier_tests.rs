@@ -2,6 +2,7 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::kernel::FakeIpvs;
+use crate::link::FakeDevice;
 use crate::test_fixtures::{slice, svc, tracker};
 use kp_dataplane::{
     CommandOutput, LocalDetector, NodeInfo, NodePortAddresses, RecordedCall, RecordingRunner,
@@ -43,22 +44,53 @@ fn cfg() -> DataplaneConfig {
     }
 }
 
-/// A runner whose `ip addr show` lists `bound` (what kube-ipvs0 holds).
-fn runner(bound: &'static str) -> RecordingRunner {
-    RecordingRunner::new(move |c: &RecordedCall| {
-        if c.program == "ip" && c.args.iter().any(|a| a == "show") {
-            return CommandOutput {
-                stdout: bound.to_string(),
-                ..Default::default()
-            };
-        }
-        CommandOutput::default()
-    })
+type Device = Arc<Mutex<FakeDevice>>;
+
+fn runner() -> RecordingRunner {
+    RecordingRunner::new(|_: &RecordedCall| CommandOutput::default())
 }
 
-fn proxier(r: &RecordingRunner, ipvs: &Shared) -> IpvsProxier<RecordingRunner> {
+/// A kube-ipvs0 that holds `bound`, or is missing.
+fn device(bound: Option<&[&str]>) -> Device {
+    let d = FakeDevice {
+        present: bound.is_some(),
+        addresses: bound
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect(),
+        changes: vec![],
+    };
+    Arc::new(Mutex::new(d))
+}
+
+fn proxier_with(
+    r: &RecordingRunner,
+    ipvs: &Shared,
+    dev: &Device,
+    c: DataplaneConfig,
+) -> IpvsProxier<RecordingRunner> {
     let k = ipvs.clone();
-    IpvsProxier::new(r.clone(), cfg(), Box::new(move || Ok(Box::new(k.clone()))))
+    IpvsProxier::new(
+        r.clone(),
+        c,
+        Box::new(move || Ok(Box::new(k.clone()))),
+        Box::new(dev.clone()),
+    )
+}
+
+fn proxier(r: &RecordingRunner, ipvs: &Shared, dev: &Device) -> IpvsProxier<RecordingRunner> {
+    proxier_with(r, ipvs, dev, cfg())
+}
+
+fn vip_changes(dev: &Device) -> Vec<(Vec<String>, Vec<String>)> {
+    let s = |v: &Vec<IpAddr>| v.iter().map(|i| i.to_string()).collect::<Vec<_>>();
+    dev.lock()
+        .unwrap()
+        .changes
+        .iter()
+        .map(|(a, d)| (s(a), s(d)))
+        .collect()
 }
 
 fn sync(p: &mut IpvsProxier<RecordingRunner>, t: &mut ChangeTracker) -> SyncReport {
@@ -110,18 +142,19 @@ fn weights(ipvs: &Shared, k: &VsKey) -> Vec<(String, i32)> {
 
 #[test]
 fn first_sync_writes_sets_then_rules_then_ipvs_then_vips() {
-    let r = runner("");
+    let r = runner();
     let ipvs = Shared::default();
-    let mut p = proxier(&r, &ipvs);
+    let dev = device(None);
+    let mut p = proxier(&r, &ipvs, &dev);
     let mut t = tracker(&objects());
     let report = sync(&mut p, &mut t);
     assert!(report.full);
+    assert!(dev.lock().unwrap().present, "kube-ipvs0 created");
     let calls = r.calls();
     let pos = |f: &dyn Fn(&RecordedCall) -> bool| calls.iter().position(f);
     let sets = pos(&|c| c.program == "ipset" && c.args == ["restore", "-exist"]).unwrap();
     let rules = pos(&|c| c.program == "iptables-restore").unwrap();
-    let vips = pos(&|c| c.program == "ip" && c.args.iter().any(|a| a == "-batch")).unwrap();
-    assert!(sets < rules && rules < vips, "{calls:#?}");
+    assert!(sets < rules, "{calls:#?}");
     let script = calls[sets].stdin.clone().unwrap();
     assert!(script.contains(
         "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536 comment\n"
@@ -129,8 +162,8 @@ fn first_sync_writes_sets_then_rules_then_ipvs_then_vips() {
     assert!(script.contains("add KUBE-CLUSTER-IP 10.96.0.10,tcp:80 comment"));
     assert!(script.contains("add KUBE-NODE-PORT-TCP 30080 comment"));
     assert_eq!(
-        calls[vips].stdin.as_deref(),
-        Some("addr add 10.96.0.10/32 dev kube-ipvs0\n")
+        vip_changes(&dev),
+        [(vec!["10.96.0.10".to_string()], vec![])]
     );
     // Virtual servers for the ClusterIP and the node's address (not loopback).
     let f = ipvs.0.lock().unwrap();
@@ -150,9 +183,10 @@ fn first_sync_writes_sets_then_rules_then_ipvs_then_vips() {
 
 #[test]
 fn a_change_costs_what_changed_and_removed_tcp_endpoints_drain() {
-    let r = runner("");
+    let r = runner();
     let ipvs = Shared::default();
-    let mut p = proxier(&r, &ipvs);
+    let dev = device(Some(&[]));
+    let mut p = proxier(&r, &ipvs, &dev);
     let mut t = tracker(&objects());
     sync(&mut p, &mut t);
     let gone = "10.244.2.2:8080".parse().unwrap();
@@ -220,9 +254,10 @@ fn a_change_costs_what_changed_and_removed_tcp_endpoints_drain() {
 
 #[test]
 fn udp_real_servers_are_deleted_at_once_and_a_deleted_service_unbinds_its_vip() {
-    let r = runner("");
+    let r = runner();
     let ipvs = Shared::default();
-    let mut p = proxier(&r, &ipvs);
+    let dev = device(Some(&[]));
+    let mut p = proxier(&r, &ipvs, &dev);
     let mut t = tracker(&[
         svc(
             "dns",
@@ -252,8 +287,10 @@ fn udp_real_servers_are_deleted_at_once_and_a_deleted_service_unbinds_its_vip() 
     t.delete_service("ns", "dns");
     sync(&mut p, &mut t);
     assert!(ipvs.0.lock().unwrap().services.is_empty());
-    let batch = r.inputs("ip", &["-force", "-batch", "-"]).concat();
-    assert_eq!(batch, "addr del 10.96.0.53/32 dev kube-ipvs0\n");
+    assert_eq!(
+        vip_changes(&dev).last().unwrap(),
+        &(vec![], vec!["10.96.0.53".to_string()])
+    );
 }
 
 #[test]
@@ -277,8 +314,9 @@ fn restart_corrects_weights_and_keeps_what_it_finds() {
         ]);
         f.applied.clear();
     }
-    let r = runner("4: kube-ipvs0    inet 10.96.0.10/32 scope global kube-ipvs0\n");
-    let mut p = proxier(&r, &ipvs);
+    let r = runner();
+    let dev = device(Some(&["10.96.0.10"]));
+    let mut p = proxier(&r, &ipvs, &dev);
     let mut t = tracker(&objects());
     sync(&mut p, &mut t);
     let ops = ipvs.0.lock().unwrap().applied.clone();
@@ -298,15 +336,16 @@ fn restart_corrects_weights_and_keeps_what_it_finds() {
     );
     assert!(!ops.iter().any(|o| matches!(o, Op::DelVs(_))), "{ops:?}");
     // kube-ipvs0 already held the ClusterIP: no address change.
-    assert!(r.inputs("ip", &["-force", "-batch", "-"]).is_empty());
+    assert!(vip_changes(&dev).is_empty());
 }
 
 #[test]
 fn kernel_refusals_fail_the_sync_and_the_next_one_is_full() {
-    let r = runner("");
+    let r = runner();
     let ipvs = Shared::default();
     ipvs.0.lock().unwrap().fail_matching = Some("10.244.2.2".into());
-    let mut p = proxier(&r, &ipvs);
+    let dev = device(Some(&[]));
+    let mut p = proxier(&r, &ipvs, &dev);
     let mut t = tracker(&objects());
     let changes = t.drain();
     let node = NodeInfo::default();
@@ -326,7 +365,7 @@ fn kernel_refusals_fail_the_sync_and_the_next_one_is_full() {
     );
     assert!(p.needs_full_sync());
     // The VIP was not bound: it would answer without all of its backends.
-    assert!(r.inputs("ip", &["-force", "-batch", "-"]).is_empty());
+    assert!(vip_changes(&dev).is_empty());
 }
 
 #[test]
@@ -377,21 +416,12 @@ fn conn_reuse_mode_only_on_kernels_with_the_stall() {
 }
 
 #[test]
-fn addresses_from_ip_output() {
-    let out = "4: kube-ipvs0    inet 10.96.0.10/32 scope global kube-ipvs0\\       valid_lft forever preferred_lft forever\n\
-               4: kube-ipvs0    inet6 fd00::a/128 scope global nodad \\       valid_lft forever\n";
-    let got: Vec<String> = parse_addresses(out).iter().map(|i| i.to_string()).collect();
-    assert_eq!(got, ["10.96.0.10", "fd00::a"]);
-}
-
-#[test]
 fn a_drain_ends_at_its_bound_even_with_connections_left() {
-    let r = runner("");
+    let r = runner();
     let ipvs = Shared::default();
-    let k = ipvs.clone();
     let mut c = cfg();
     c.ipvs.drain_timeout = Duration::ZERO;
-    let mut p = IpvsProxier::new(r.clone(), c, Box::new(move || Ok(Box::new(k.clone()))));
+    let mut p = proxier_with(&r, &ipvs, &device(Some(&[])), c);
     let mut t = tracker(&objects());
     sync(&mut p, &mut t);
     let gone: SocketAddr = "10.244.2.2:8080".parse().unwrap();
