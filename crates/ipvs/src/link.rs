@@ -39,6 +39,10 @@ const IFA_F_NODAD: u8 = 0x02;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 
+/// What a request batch brought back: dump messages (type, payload) and acks (sequence,
+/// errno).
+type Exchange = (Vec<(u16, Vec<u8>)>, Vec<(u32, i32)>);
+
 /// The device named `name` in the calling thread's network namespace.
 pub struct RtnlDevice {
     name: String,
@@ -90,7 +94,7 @@ impl RtnlDevice {
         a: &Attrs,
         first_seq: u32,
         requests: u32,
-    ) -> Result<(Vec<(u16, Vec<u8>)>, Vec<(u32, i32)>), String> {
+    ) -> Result<Exchange, String> {
         let mut buf = std::mem::take(&mut self.buf);
         let result = (|| {
             let sock = self.sock()?;
