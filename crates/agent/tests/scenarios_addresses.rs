@@ -104,14 +104,16 @@ fn localhost_nodeports_work_and_remote_packets_to_localhost_are_dropped() {
     start(&mut lab, 1, &[]);
     let np = node_port(&lab, "web");
     let loopback: SocketAddr = format!("127.0.0.1:{np}").parse().unwrap();
-    if mode() == "nftables" {
-        // Upstream's nftables mode has no localhost NodePorts (a deliberate difference):
-        // the NodePort answers on the node IP, 127.0.0.1 gets nothing, route_localnet stays off.
+    if mode() == "nftables" || mode() == "ipvs" {
+        // Upstream's nftables and IPVS modes have no localhost NodePorts (a deliberate
+        // difference): the NodePort answers on the node IP, 127.0.0.1 gets nothing,
+        // route_localnet stays off.
         let node_np = SocketAddr::new(node_ip(&lab, 1), np);
         wait_answered_by(&lab, &node1, node_np, &pods, "node1 -> nodeIP:NodePort");
         assert!(
             tcp_connect_once(&node1, loopback, SHORT).is_err(),
-            "127.0.0.1:NodePort must not answer in nftables mode"
+            "127.0.0.1:NodePort must not answer in {} mode",
+            mode()
         );
         assert_eq!(
             get_sysctl(&node1, "net.ipv4.conf.all.route_localnet")

@@ -94,7 +94,20 @@ fn rules_removed_by_others_are_restored_counted_and_logged_once() {
     assert_eq!(found_lines(&lab), 0, "{}", logs(&lab));
 
     type Tamper = (&'static str, fn(&Lab));
-    let tampers: Vec<Tamper> = if iptables_mode() {
+    let tampers: Vec<Tamper> = if mode() == "ipvs" {
+        vec![
+            ("ipvsadm -D of the ClusterIP's virtual server", |lab| {
+                let vs = svc_addr(lab, "default", "web", 80);
+                sh(lab, &format!("ipvsadm -D -t {vs}"))
+            }),
+            ("ip link del kube-ipvs0", |lab| {
+                sh(lab, "ip link del kube-ipvs0")
+            }),
+            ("ipset flush KUBE-CLUSTER-IP", |lab| {
+                sh(lab, "ipset flush KUBE-CLUSTER-IP")
+            }),
+        ]
+    } else if iptables_mode() {
         vec![
             ("iptables -t nat -F", |lab| sh(lab, "iptables -t nat -F")),
             ("delete a KUBE-SVC chain", delete_service_chain),

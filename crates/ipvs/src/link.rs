@@ -89,12 +89,7 @@ impl RtnlDevice {
     /// Sends the messages in `a` and collects the acks (or dump payloads) until every
     /// request of `requests` is answered. Returns the dump messages' payloads and the
     /// errnos by request sequence.
-    fn exchange(
-        &mut self,
-        a: &Attrs,
-        first_seq: u32,
-        requests: u32,
-    ) -> Result<Exchange, String> {
+    fn exchange(&mut self, a: &Attrs, first_seq: u32, requests: u32) -> Result<Exchange, String> {
         let mut buf = std::mem::take(&mut self.buf);
         let result = (|| {
             let sock = self.sock()?;

@@ -806,32 +806,34 @@ impl<R: CommandRunner> IpvsProxier<R> {
             Err(e) => return Some(e.to_string()),
             _ => {}
         }
-        for j in JUMPS
-            .iter()
-            .filter(|j| j.table == "nat" && j.to == rules::KUBE_SERVICES)
-        {
-            let args = j.args();
-            let mut check = vec!["-w", "5", "-t", j.table, "-C", j.from];
-            check.extend(&args);
-            match self.runner.run(self.iptables, &check, None) {
-                Ok(o) if o.success() => {}
-                Ok(o) if o.status == 4 => return None,
-                _ => return Some(format!("jump {} -> {} is gone", j.from, j.to)),
-            }
-        }
-        match self.runner.run(
-            self.iptables,
-            &["-w", "5", "-t", "filter", "-S", rules::KUBE_IPVS_FILTER],
-            None,
-        ) {
+        // Our jumps and chains, from one listing.
+        let save = if self.cfg.family == IpFamily::V4 {
+            "iptables-save"
+        } else {
+            "ip6tables-save"
+        };
+        match self.runner.run(save, &[], None) {
             Ok(o) if o.success() => {
-                let rules = o.stdout.lines().filter(|l| l.starts_with("-A ")).count();
-                if rules == 0 {
+                for table in ["nat", "filter"] {
+                    let listed = table_section(&o.stdout, table);
+                    if let Some(j) = JUMPS
+                        .iter()
+                        .filter(|j| j.table == table)
+                        .find(|j| !listed.lines().any(|l| is_jump_line(l, j)))
+                    {
+                        return Some(format!("jump {} -> {} is gone", j.from, j.to));
+                    }
+                }
+                let filter_rules = format!("-A {} ", rules::KUBE_IPVS_FILTER);
+                if !table_section(&o.stdout, "filter")
+                    .lines()
+                    .any(|l| l.starts_with(&filter_rules))
+                {
                     return Some(format!("{} was flushed", rules::KUBE_IPVS_FILTER));
                 }
             }
-            Ok(o) if o.status == 4 => return None,
-            _ => return Some(format!("{} is gone", rules::KUBE_IPVS_FILTER)),
+            // No answer (the xtables lock, a missing tool): not a flush.
+            _ => return None,
         }
         match self.read_sets() {
             Ok(s) => {

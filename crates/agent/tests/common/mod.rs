@@ -619,7 +619,7 @@ pub fn short_sync_period_config(lab: &Lab) -> String {
     std::fs::write(
         &path,
         "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
-         iptables:\n  syncPeriod: 1s\nnftables:\n  syncPeriod: 1s\n",
+         iptables:\n  syncPeriod: 1s\nnftables:\n  syncPeriod: 1s\nipvs:\n  syncPeriod: 1s\n",
     )
     .expect("write config");
     format!("--config={}", path.display())
