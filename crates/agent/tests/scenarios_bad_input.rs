@@ -107,11 +107,11 @@ fn clashing_node_ports_bad_source_ranges_and_unproxied_families_warn() {
         .apply_unvalidated(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "six", "namespace": "default"},
             "spec": {"clusterIP": "fd96::10", "clusterIPs": ["fd96::10"], "ipFamilies": ["IPv6"], "ports": [{"port": 80}]}}))
         .unwrap();
-    // This node proxies IPv4 only: a PATH whose tools exclude ip6tables (nft stays, for
-    // nftables mode).
+    // This node proxies IPv4 only: a PATH whose tools exclude ip6tables (nft and ipset
+    // stay, for nftables and IPVS mode).
     let bin = lab.workdir().join("v4only");
     std::fs::create_dir_all(&bin).unwrap();
-    for tool in ["iptables", "iptables-save", "iptables-restore", "nft"] {
+    for tool in ["iptables", "iptables-save", "iptables-restore", "nft", "ipset"] {
         let real = ["/usr/sbin", "/sbin"]
             .iter()
             .map(|d| Path::new(d).join(tool))
@@ -165,7 +165,13 @@ fn clashing_node_ports_bad_source_ranges_and_unproxied_families_warn() {
 
 /// The whole ruleset of node `n` in the current mode, as text.
 fn ruleset(lab: &Lab, n: usize) -> String {
-    if iptables_mode() {
+    if mode() == "ipvs" {
+        let (nat, filter) = nat_and_filter(lab, n);
+        let ns = lab.node_ns(n);
+        let ipvs = lab.topology().exec_ok(&ns, &["ipvsadm", "-Sn"]).expect("ipvsadm");
+        let sets = lab.topology().exec_ok(&ns, &["ipset", "save"]).expect("ipset");
+        format!("{nat}{filter}{ipvs}{sets}")
+    } else if iptables_mode() {
         let (nat, filter) = nat_and_filter(lab, n);
         format!("{nat}{filter}")
     } else {

@@ -193,7 +193,7 @@ impl Lab {
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout * time_scale();
     loop {
         if let Some(v) = f() {
             return Some(v);
@@ -203,6 +203,20 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// How much longer every [`wait_for`] waits: `KP_TEST_TIME_SCALE` (default 1). The
+/// scenario suites run in an emulated guest for IPVS mode, where a process start costs
+/// ~0.3 s and a first sync seconds; what they assert stays the same.
+pub fn time_scale() -> u32 {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("KP_TEST_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(1)
+    })
 }
 
 /// A plain HTTP/1.1 GET from inside namespace `ns`: (status, body).
