@@ -111,7 +111,13 @@ fn clashing_node_ports_bad_source_ranges_and_unproxied_families_warn() {
     // stay, for nftables and IPVS mode).
     let bin = lab.workdir().join("v4only");
     std::fs::create_dir_all(&bin).unwrap();
-    for tool in ["iptables", "iptables-save", "iptables-restore", "nft", "ipset"] {
+    for tool in [
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "nft",
+        "ipset",
+    ] {
         let real = ["/usr/sbin", "/sbin"]
             .iter()
             .map(|d| Path::new(d).join(tool))
@@ -168,8 +174,14 @@ fn ruleset(lab: &Lab, n: usize) -> String {
     if mode() == "ipvs" {
         let (nat, filter) = nat_and_filter(lab, n);
         let ns = lab.node_ns(n);
-        let ipvs = lab.topology().exec_ok(&ns, &["ipvsadm", "-Sn"]).expect("ipvsadm");
-        let sets = lab.topology().exec_ok(&ns, &["ipset", "save"]).expect("ipset");
+        let ipvs = lab
+            .topology()
+            .exec_ok(&ns, &["ipvsadm", "-Sn"])
+            .expect("ipvsadm");
+        let sets = lab
+            .topology()
+            .exec_ok(&ns, &["ipset", "save"])
+            .expect("ipset");
         format!("{nat}{filter}{ipvs}{sets}")
     } else if iptables_mode() {
         let (nat, filter) = nat_and_filter(lab, n);

@@ -1,7 +1,8 @@
 //! Kernel-side failures: the tool that applies rules is missing when the proxy starts.
 //! The failure is logged and counted, syncs are retried with backoff, and once the tool is
 //! there the next retry programs everything. In nftables mode the rules go over netlink,
-//! so a missing `nft` binary does not stop them at all. Needs root.
+//! so a missing `nft` binary does not stop them at all; IPVS mode needs iptables-restore
+//! for its SNAT and filter rules, as iptables mode. Needs root.
 
 mod common;
 
@@ -25,6 +26,7 @@ fn tool_dir(dir: &Path, missing: &str) {
         "conntrack",
         "ip",
         "sysctl",
+        "ipset",
     ] {
         if tool == missing {
             continue;
@@ -55,7 +57,10 @@ fn missing_apply_tool_is_logged_counted_retried_and_recovered() {
     let mut lab = new_lab(1);
     deploy(&mut lab, "web", "web", 1, Some(serde_json::json!({})));
     let dir = tempfile::tempdir().expect("temp dir");
-    let missing = if iptables_mode() {
+    // IPVS mode writes its SNAT and filter rules with iptables-restore too (and refuses
+    // to start without ipset, as upstream: checked by its preflight).
+    let iptables_restore_applies = mode() != "nftables";
+    let missing = if iptables_restore_applies {
         "iptables-restore"
     } else {
         "nft"
@@ -66,7 +71,7 @@ fn missing_apply_tool_is_logged_counted_retried_and_recovered() {
     start(&mut lab, 1, &[]);
     let ext = ext_ns(&lab);
     let web = svc_addr(&lab, "default", "web", 80);
-    if iptables_mode() {
+    if iptables_restore_applies {
         assert!(
             wait_log(&lab, &["iptables-restore"]) && wait_log(&lab, &["retry"]),
             "{}",
@@ -165,8 +170,11 @@ fn held_xtables_lock_delays_changes_and_drops_no_connection() {
         );
     } else {
         wait_serving(&lab, &ext, api, Duration::from_secs(5));
+        // nftables and IPVS mode (a new service changes ipsets and IPVS, not the
+        // iptables rules, and iptables-nft takes no lock) apply it while the lock is held.
         eprintln!(
-            "nftables: api served {:?} into the lock",
+            "{}: api served {:?} into the lock",
+            mode(),
             locked_at.elapsed()
         );
     }
