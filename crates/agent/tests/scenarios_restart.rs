@@ -6,18 +6,30 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Prober, redis_lab, start};
+use common::{Prober, SETTLE, redis_lab, start};
+use kp_testkit::lab::wait_for;
 
 #[test]
 fn restarts_drop_no_connection() {
     let (mut lab, target, ext) = redis_lab();
 
     let prober = Prober::start(&ext, target, Duration::from_millis(5));
-    for kill in [false, true, false] {
+    for (i, kill) in [false, true, false].into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(700));
         lab.stop_proxy(1, kill);
         std::thread::sleep(Duration::from_millis(500));
         start(&mut lab, 1, &[]);
+        // Each new process is running before the next stop (a slow machine, such as the
+        // emulated guest, takes over a second to start one).
+        let started = wait_for(SETTLE, || {
+            (lab.proxy_log(1).matches("starting kube-proxy-rs").count() == i + 2).then_some(())
+        });
+        assert!(
+            started.is_some(),
+            "start {} never ran:\n{}",
+            i + 2,
+            lab.proxy_log(1)
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
     let (ok, errors) = prober.stop();
