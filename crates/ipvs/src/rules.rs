@@ -279,6 +279,15 @@ pub fn render(
         IpFamily::V6 => "::1/128",
     };
     nat.push(format!("-A {KUBE_SERVICES} -s {lo} -j RETURN"));
+    if has(Set::LoadBalancerLocal) {
+        // Ours: the node's own connection to an externalTrafficPolicy Local VIP leaves
+        // from the VIP itself (kube-ipvs0 holds it), which every node holds: a remote
+        // endpoint's reply would never come back. Masqueraded, as iptables mode
+        // masquerades host traffic there.
+        nat.push(format!(
+            "-A {KUBE_LOAD_BALANCER} -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
+        ));
+    }
     for j in SET_JUMPS.iter().filter(|j| has(j.set)) {
         let proto = j.protocol.map(|p| format!(" -p {p}")).unwrap_or_default();
         let line = format!(
@@ -325,6 +334,11 @@ pub fn render(
         );
         if masquerade {
             nat.push(format!("{head} -j {KUBE_MARK_MASQ}"));
+        } else {
+            // Ours, as for Local VIPs above: the node's own connections.
+            nat.push(format!(
+                "{head} -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
+            ));
         }
         // Traffic from off the machine (not from a bridge, not local) and traffic to an
         // externalIP the node holds stays with IPVS.
