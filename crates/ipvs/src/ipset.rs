@@ -54,10 +54,14 @@ pub enum Set {
     /// Ours, not upstream's: externalTrafficPolicy Local destinations without a local
     /// endpoint, which only the node and its pods may use.
     NoLocalEndpoints,
+    /// Ours: ClusterIPs of internalTrafficPolicy Local services without a local endpoint
+    /// (dropped, as the other modes drop them, instead of refused by an empty IPVS
+    /// virtual server).
+    NoLocalInternal,
 }
 
 impl Set {
-    pub const ALL: [Set; 18] = [
+    pub const ALL: [Set; 19] = [
         Set::LoopBack,
         Set::ClusterIp,
         Set::ExternalIp,
@@ -76,6 +80,7 @@ impl Set {
         Set::HealthCheckNodePort,
         Set::IpvsIps,
         Set::NoLocalEndpoints,
+        Set::NoLocalInternal,
     ];
 
     /// The IPv4 name (upstream's constant).
@@ -99,6 +104,7 @@ impl Set {
             Set::HealthCheckNodePort => "KUBE-HEALTH-CHECK-NODE-PORT",
             Set::IpvsIps => "KUBE-IPVS-IPS",
             Set::NoLocalEndpoints => "KUBE-NO-LOCAL-ENDPOINTS",
+            Set::NoLocalInternal => "KUBE-NO-LOCAL-INTERNAL",
         }
     }
 
@@ -173,6 +179,9 @@ impl Set {
             Set::IpvsIps => "Addresses on the ipvs interface",
             Set::NoLocalEndpoints => {
                 "kube-proxy-rs: externalTrafficPolicy=Local ip + port without a local endpoint"
+            }
+            Set::NoLocalInternal => {
+                "kube-proxy-rs: internalTrafficPolicy=Local cluster ip + port without a local endpoint"
             }
         }
     }

@@ -170,6 +170,12 @@ pub fn plan(state: &ProxyState, input: &PlanInput<'_>) -> Plan {
         }
 
         out.add(Set::ClusterIp, ip_port(svc.cluster_ip, proto, svc.port));
+        if facts.no_local_internal {
+            out.add(
+                Set::NoLocalInternal,
+                ip_port(svc.cluster_ip, proto, svc.port),
+            );
+        }
         add_vs(&mut out, svc.cluster_ip, svc.port, &internal);
         out.bound.insert(svc.cluster_ip);
 

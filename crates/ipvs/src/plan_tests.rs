@@ -169,8 +169,10 @@ fn traffic_policies_local() {
         ],
         &["198.18.0.11"],
     );
-    // ITP Local without a local endpoint: no real server (as iptables mode drops).
+    // ITP Local without a local endpoint: no real server, and dropped by the filter
+    // (as the other modes drop it) rather than refused by the empty virtual server.
     assert!(reals(&p, "10.96.0.3", 80).is_empty());
+    assert_eq!(members(&p, Set::NoLocalInternal), ["10.96.0.3,tcp:80"]);
     // ETP Local without a local endpoint: the cluster-wide endpoints, for the node and
     // its pods; KUBE-NO-LOCAL-ENDPOINTS lets the filter drop everyone else.
     assert_eq!(reals(&p, "198.18.0.11", 30081), ["10.244.2.2:8080"]);

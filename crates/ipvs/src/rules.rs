@@ -379,6 +379,13 @@ pub fn render(
         comment(Set::HealthCheckNodePort),
         name(Set::HealthCheckNodePort)
     ));
+    if has(Set::NoLocalInternal) {
+        filter.push(format!(
+            "-A {KUBE_IPVS_FILTER} -m comment --comment {} -m set --match-set {} dst,dst -j DROP",
+            comment(Set::NoLocalInternal),
+            name(Set::NoLocalInternal)
+        ));
+    }
     if has(Set::NoLocalEndpoints) {
         // Ours: externalTrafficPolicy Local with no endpoint here serves only the node
         // and its pods (as the iptables mode does); others are dropped before IPVS.
