@@ -448,3 +448,31 @@ fn a_drain_ends_at_its_bound_even_with_connections_left() {
         [("10.244.1.2:8080".to_string(), 1)]
     );
 }
+
+#[test]
+fn virtual_servers_in_exclude_cidrs_are_left_alone() {
+    // Someone else's virtual server (a host-network load balancer, say) and a stale one.
+    let ipvs = Shared::default();
+    let theirs = key("192.168.50.5", 443, Protocol::Tcp);
+    let stale = key("10.96.7.7", 80, Protocol::Tcp);
+    for k in [theirs, stale] {
+        ipvs.0.lock().unwrap().apply(&[Op::AddVs(KernelVs {
+            key: k,
+            scheduler: "wlc".into(),
+            flags: 0,
+            timeout: 0,
+        })]);
+    }
+    let mut c = cfg();
+    c.ipvs.exclude_cidrs = vec!["192.168.50.0/24".parse().unwrap()];
+    let mut p = proxier_with(&runner(), &ipvs, &device(Some(&[])), c);
+    let mut t = tracker(&objects());
+    sync(&mut p, &mut t);
+    let f = ipvs.0.lock().unwrap();
+    assert!(f.services.contains_key(&theirs), "excluded VS deleted");
+    assert!(!f.services.contains_key(&stale), "stale VS kept");
+    assert_eq!(
+        f.services[&theirs].0.scheduler, "wlc",
+        "excluded VS changed"
+    );
+}
