@@ -553,7 +553,8 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
         tracing::debug!(family = self.cfg.family.k8s_name(), full, set_ops, elapsed = ?applying.elapsed(), "ipsets written");
         // 2. iptables: the SNAT and filter rules before any VIP answers.
         let rules = rules::render(&self.cfg, &plan.sets, &plan.lb_no_node_access);
-        if self.rules.as_deref() != Some(rules.text.as_str()) {
+        let rules_changed = self.rules.as_deref() != Some(rules.text.as_str());
+        if rules_changed {
             let out = self.runner.run_discarding_stdout(
                 self.iptables_restore,
                 &["-w", "5", "-W", "100000", "--noflush", "--counters"],
@@ -661,7 +662,10 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             no_local_endpoints_external: plan.no_local_endpoints_external,
             health_checks: plan.health_checks,
             warnings: plan.warnings,
-            bytes_written: script.len() + rules.text.len() + vip_changes * 40,
+            // ipset script, rules text when rewritten, ~40 bytes per VIP message.
+            bytes_written: script.len()
+                + if rules_changed { rules.text.len() } else { 0 }
+                + vip_changes * 40,
             apply_time: applying.elapsed(),
         })
     }
