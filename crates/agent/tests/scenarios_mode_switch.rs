@@ -108,4 +108,18 @@ fn switching_modes_removes_the_other_modes_objects_and_keeps_serving() {
     start(&mut lab, 1, &[]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(traces(&lab, &ours), before);
+    // `--cleanup` removes every mode's objects.
+    lab.stop_proxy(1, false);
+    let out = lab
+        .topology()
+        .exec(&lab.node_ns(1), &[BIN, "--cleanup"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "--cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for m in ["iptables", "nftables", "ipvs"] {
+        assert_eq!(traces(&lab, m), Vec::<String>::new(), "after --cleanup");
+    }
 }
