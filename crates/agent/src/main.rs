@@ -162,23 +162,38 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--cleanup`: remove everything every mode installed, then exit.
+/// `--cleanup`: remove everything every mode installed, then exit. Modes share chain
+/// names (KUBE-SERVICES, KUBE-PROXY-FIREWALL, ...), so one mode's chain can still be
+/// referenced by another's jump when its turn comes: what failed is tried once more
+/// after every other mode's cleanup.
 fn cleanup(settings: &kp_config::Settings) -> ExitCode {
     let mut ok = true;
     let node = k8s_openapi::api::core::v1::Node::default();
     for family in [kp_model::IpFamily::V4, kp_model::IpFamily::V6] {
         let cfg = daemon::dataplane_config(settings, family, &node, &[]);
-        for mode in kp_dataplane::Mode::ALL {
-            let family = family.k8s_name();
-            match modes::cleanup(mode, &cfg) {
-                modes::Cleaned::Removed => tracing::info!(family, %mode, "removed rules"),
-                modes::Cleaned::ToolMissing => {
-                    tracing::debug!(family, %mode, "tool not installed; nothing to remove")
-                }
-                modes::Cleaned::NotImplemented | modes::Cleaned::NothingThere => {}
-                modes::Cleaned::Failed(e) => {
-                    tracing::error!(family, %mode, error = %e, "cleanup failed");
-                    ok = false;
+        let mut retry = Vec::new();
+        for (pass, modes) in [(1, kp_dataplane::Mode::ALL.to_vec()), (2, Vec::new())] {
+            let modes = if pass == 1 {
+                modes
+            } else {
+                std::mem::take(&mut retry)
+            };
+            for mode in modes {
+                let family = family.k8s_name();
+                match modes::cleanup(mode, &cfg) {
+                    modes::Cleaned::Removed => tracing::info!(family, %mode, "removed rules"),
+                    modes::Cleaned::ToolMissing => {
+                        tracing::debug!(family, %mode, "tool not installed; nothing to remove")
+                    }
+                    modes::Cleaned::NotImplemented | modes::Cleaned::NothingThere => {}
+                    modes::Cleaned::Failed(e) if pass == 1 => {
+                        tracing::info!(family, %mode, error = %e, "cleanup incomplete; trying again after the other modes");
+                        retry.push(mode);
+                    }
+                    modes::Cleaned::Failed(e) => {
+                        tracing::error!(family, %mode, error = %e, "cleanup failed");
+                        ok = false;
+                    }
                 }
             }
         }
