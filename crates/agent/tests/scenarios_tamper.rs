@@ -125,8 +125,10 @@ fn rules_removed_by_others_are_restored_counted_and_logged_once() {
         let lines_before = found_lines(&lab);
         let t0 = Instant::now();
         tamper(&lab);
+        // Broken, or already repaired (a drift check can land between the tamper and
+        // the probe: the proxy saw it too).
         assert!(
-            connects(&ext, target, Duration::from_millis(300)).is_err(),
+            connects(&ext, target, Duration::from_millis(300)).is_err() || repairs(&lab) > i as f64,
             "{what} did not break the service, so it tests nothing"
         );
         wait_serving(&lab, &ext, target, Duration::from_secs(10));
