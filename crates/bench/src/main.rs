@@ -279,7 +279,10 @@ fn main() -> anyhow::Result<()> {
         // Poll the log every millisecond (the lab's wait_for sleeps 50 ms between checks).
         while sync_times_ms(&lab.proxy_log(1)).len() <= before {
             if t.elapsed() > Duration::from_secs(60) {
-                bail!("change never synced");
+                let log = lab.proxy_log(1);
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!("change never synced; proxy log tail:\n{}", tail.join("\n"));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
