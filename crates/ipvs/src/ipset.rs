@@ -251,6 +251,23 @@ pub fn parse_save(text: &str, family: IpFamily) -> SetContents {
     out
 }
 
+/// Member counts of our sets from `ipset list -t` (headers only).
+pub fn parse_terse(text: &str, family: IpFamily) -> BTreeMap<Set, usize> {
+    let by_name: BTreeMap<String, Set> = Set::ALL.iter().map(|s| (s.name(family), *s)).collect();
+    let mut out = BTreeMap::new();
+    let mut current = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("Name: ") {
+            current = by_name.get(name.trim()).copied();
+        } else if let Some(n) = line.strip_prefix("Number of entries: ")
+            && let Some(set) = current
+        {
+            out.insert(set, n.trim().parse().unwrap_or(usize::MAX));
+        }
+    }
+    out
+}
+
 /// The `ipset restore` script that creates missing sets and adds and deletes members so
 /// that `current` becomes `wanted`. Empty when nothing differs. Members are built from
 /// parsed IPs and ports only, never from API strings, so no quoting is needed; the
@@ -322,6 +339,19 @@ mod tests {
         );
         let v6: IpAddr = "fd00:10:96::a".parse().unwrap();
         assert_eq!(ip_port(v6, Protocol::Tcp, 443), "fd00:10:96::a,tcp:443");
+    }
+
+    #[test]
+    fn terse_listing_gives_member_counts_of_our_sets() {
+        let text = "Name: KUBE-CLUSTER-IP\nType: hash:ip,port\nRevision: 6\n\
+                    Header: family inet hashsize 1024 maxelem 65536 comment\n\
+                    Size in memory: 340\nReferences: 3\nNumber of entries: 12\n\n\
+                    Name: OTHER\nType: hash:ip\nNumber of entries: 5\n\n\
+                    Name: KUBE-NODE-PORT-TCP\nType: bitmap:port\nNumber of entries: 0\n";
+        let c = parse_terse(text, IpFamily::V4);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[&Set::ClusterIp], 12);
+        assert_eq!(c[&Set::NodePortTcp], 0);
     }
 
     #[test]
