@@ -17,6 +17,21 @@ impl CommandOutput {
     pub fn success(&self) -> bool {
         self.status == 0
     }
+
+    /// The first three lines of stderr on one line, for an error message.
+    pub fn stderr_summary(&self) -> String {
+        summarize_stderr(&self.stderr)
+    }
+}
+
+/// The first three lines of a tool's stderr on one line (`a | b | c`).
+pub fn summarize_stderr(stderr: &str) -> String {
+    stderr
+        .trim()
+        .lines()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 #[derive(Debug, thiserror::Error)]

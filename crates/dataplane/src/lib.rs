@@ -15,6 +15,7 @@ pub use mode::{Mode, UnknownMode};
 
 pub use exec::{
     CommandError, CommandOutput, CommandRunner, RecordedCall, RecordingRunner, SystemRunner,
+    summarize_stderr,
 };
 pub use local::LocalDetector;
 pub use names::{endpoint_chain_name, hash_suffix, service_chain_name};

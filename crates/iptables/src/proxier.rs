@@ -434,12 +434,7 @@ impl<R: CommandRunner + 'static> IptablesProxier<R> {
 
 /// Turns a tool's stderr into an error, quoting the input line it names (`line N`).
 fn apply_error(tool: &str, stderr: &str, input: Option<&str>) -> SyncError {
-    let message = stderr
-        .trim()
-        .lines()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" | ");
+    let message = kp_dataplane::summarize_stderr(stderr);
     let line = input.and_then(|text| {
         let idx = stderr.find("line ")?;
         let n: usize = stderr[idx + 5..]

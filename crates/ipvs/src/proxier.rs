@@ -109,13 +109,7 @@ impl<R: CommandRunner> IpvsProxier<R> {
         if out.success() {
             Ok(out.stdout)
         } else {
-            let message = out
-                .stderr
-                .trim()
-                .lines()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" | ");
+            let message = out.stderr_summary();
             Err(apply_err(
                 tool,
                 format!("{program} {}: {message}", args.join(" ")),
@@ -563,13 +557,7 @@ impl<R: CommandRunner + 'static> Dataplane for IpvsProxier<R> {
             if !out.success() {
                 return Err(SyncError::Apply {
                     tool: Applier::IptablesRestore,
-                    message: out
-                        .stderr
-                        .trim()
-                        .lines()
-                        .take(3)
-                        .collect::<Vec<_>>()
-                        .join(" | "),
+                    message: out.stderr_summary(),
                     line: None,
                 });
             }

@@ -4,9 +4,7 @@ use super::*;
 use crate::kernel::FakeIpvs;
 use crate::link::FakeDevice;
 use crate::test_fixtures::{slice, svc, tracker};
-use kp_dataplane::{
-    CommandOutput, LocalDetector, NodeInfo, NodePortAddresses, RecordedCall, RecordingRunner,
-};
+use kp_dataplane::{CommandOutput, LocalDetector, NodeInfo, RecordedCall, RecordingRunner};
 use kp_model::ChangeTracker;
 use serde_json::json;
 
@@ -31,16 +29,8 @@ impl IpvsKernel for Shared {
 
 fn cfg() -> DataplaneConfig {
     DataplaneConfig {
-        family: IpFamily::V4,
-        masquerade_bit: 14,
-        masquerade_all: false,
         local_detector: LocalDetector::Cidrs(vec!["10.244.0.0/16".parse().unwrap()]),
-        node_port_addresses: NodePortAddresses::default(),
-        node_port_ips: vec![],
-        localhost_node_ports: false,
-        tcp_be_liberal: false,
-        random_fully: true,
-        ipvs: Default::default(),
+        ..DataplaneConfig::for_cleanup(IpFamily::V4)
     }
 }
 

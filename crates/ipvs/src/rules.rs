@@ -428,22 +428,7 @@ pub fn render(
     ));
     nat.push(format!("-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}"));
 
-    let mut text = String::with_capacity(4096);
-    text.push_str("*nat\n");
-    for c in NAT_CHAINS {
-        let _ = writeln!(text, ":{c} - [0:0]");
-    }
-    for l in &nat {
-        let _ = writeln!(text, "{l}");
-    }
-    text.push_str("COMMIT\n*filter\n");
-    for c in FILTER_CHAINS {
-        let _ = writeln!(text, ":{c} - [0:0]");
-    }
-    for l in &filter {
-        let _ = writeln!(text, "{l}");
-    }
-    text.push_str("COMMIT\n");
+    let text = restore_input(&nat, &filter);
     Rules {
         text,
         nat_rules: nat.len(),
@@ -453,20 +438,26 @@ pub fn render(
 
 /// Flushes and deletes our chains (after the jumps into them are gone).
 pub fn cleanup_text() -> String {
-    let mut text = String::from("*nat\n");
-    for c in NAT_CHAINS {
-        let _ = writeln!(text, ":{c} - [0:0]");
+    let delete = |chains: &[&str]| chains.iter().map(|c| format!("-X {c}")).collect::<Vec<_>>();
+    restore_input(&delete(&NAT_CHAINS), &delete(&FILTER_CHAINS))
+}
+
+/// `iptables-restore` input declaring (so flushing) our chains of both tables, then
+/// `nat` and `filter` lines.
+fn restore_input(nat: &[String], filter: &[String]) -> String {
+    let mut text = String::with_capacity(4096);
+    for (table, chains, lines) in [
+        ("nat", &NAT_CHAINS[..], nat),
+        ("filter", &FILTER_CHAINS[..], filter),
+    ] {
+        let _ = writeln!(text, "*{table}");
+        for c in chains {
+            let _ = writeln!(text, ":{c} - [0:0]");
+        }
+        for l in lines {
+            let _ = writeln!(text, "{l}");
+        }
+        text.push_str("COMMIT\n");
     }
-    for c in NAT_CHAINS {
-        let _ = writeln!(text, "-X {c}");
-    }
-    text.push_str("COMMIT\n*filter\n");
-    for c in FILTER_CHAINS {
-        let _ = writeln!(text, ":{c} - [0:0]");
-    }
-    for c in FILTER_CHAINS {
-        let _ = writeln!(text, "-X {c}");
-    }
-    text.push_str("COMMIT\n");
     text
 }

@@ -98,13 +98,7 @@ impl<R: CommandRunner> NftProxier<R> {
             .and_then(|n| n.trim().parse::<usize>().ok())
             .and_then(|n| text.lines().nth(n.checked_sub(1)?))
             .map(str::to_string);
-        let message = out
-            .stderr
-            .trim()
-            .lines()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" | ");
+        let message = out.stderr_summary();
         Err(SyncError::Apply {
             tool: Applier::Nft,
             message,
