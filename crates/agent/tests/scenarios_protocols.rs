@@ -80,10 +80,46 @@ fn protocols_tcp_udp_and_sctp_rules() {
     if !sctp_supported(&lab.node_ns(1)).unwrap_or(false) {
         eprintln!("SCTP sockets unsupported by this kernel: SCTP checked by rules only");
     }
+    let sctp_ip = cluster_ip(&lab, "sctp");
+    if mode() == "ipvs" {
+        // A virtual server per address with both pods as real servers, and the NodePort
+        // in upstream's per-address SCTP set.
+        for n in [1, 2] {
+            let node = lab.node_ns(n);
+            let want_vs = format!("-A --sctp-service {sctp_ip}:7777");
+            let ok = wait_for(SETTLE_ENDPOINTS, || {
+                let vs = lab.topology().exec_ok(&node, &["ipvsadm", "-Sn"]).ok()?;
+                let sets = lab.topology().exec_ok(&node, &["ipset", "save"]).ok()?;
+                let reals = web.iter().all(|pod| {
+                    vs.contains(&format!(
+                        "-a --sctp-service {sctp_ip}:7777 -r {}:7777",
+                        pod.ip
+                    ))
+                });
+                (vs.contains(&want_vs)
+                    && reals
+                    && sets.contains(&format!(
+                        "add KUBE-NODE-PORT-SCTP-HASH {},sctp:30077",
+                        node_ip(&lab, n)
+                    )))
+                .then_some(())
+            });
+            assert!(
+                ok.is_some(),
+                "node{n}: SCTP virtual server or set member missing:\n{}\n{}",
+                lab.topology()
+                    .exec_ok(&node, &["ipvsadm", "-Sn"])
+                    .unwrap_or_default(),
+                lab.topology()
+                    .exec_ok(&node, &["ipset", "save"])
+                    .unwrap_or_default()
+            );
+        }
+        return;
+    }
     if !iptables_mode() {
         return;
     }
-    let sctp_ip = cluster_ip(&lab, "sctp");
     for n in [1, 2] {
         let has_rules = |nat: &str| {
             let rule = |start: &str, parts: &[String]| {
